@@ -1,0 +1,20 @@
+"""Calibrate halting thresholds on the held-out split: ``python calibrate.py calibrate.lam=10``."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("FLEXENS_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="calibrate")
+def main(cfg: DictConfig) -> None:
+    from flexens.cli import run
+
+    run("calibrate", cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Member outputs on a split, computed once and cached on disk.
+
+The key is the checkpoint's hash, the split's fingerprint and the evaluation transform: a
+λ sweep or a change of criterion never re-runs the networks, and a retrained member or a
+changed split can never be served stale logits. Every entry also stores its own key
+fields, checked on load, so a damaged or foreign file is rebuilt, not trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from flexens.artifacts import fingerprint, torch_save
+from flexens.members.registry import Member
+
+log = logging.getLogger(__name__)
+
+
+def _compute(member: Member, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    network = member.network.to(device).eval()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for x, y in loader:
+            logits.append(network(x.to(device)).float().cpu())
+            labels.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def member_logits(member: Member, loader: DataLoader, device: torch.device, cache_dir: str | Path,
+                  split_fingerprint: str, transform: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits (S, C), labels (S,))`` of one member on one split, from cache if valid."""
+    key_fields = {"member_sha256": member.sha256, "split": split_fingerprint, "transform": transform}
+    path = Path(cache_dir) / "logits" / f"{fingerprint(key_fields.values())}.pt"
+    if path.exists():
+        try:
+            entry = torch.load(path, map_location="cpu")
+            if entry.get("key") == key_fields:
+                return entry["logits"], entry["labels"]
+            log.warning("logit cache %s belongs to other checkpoints or data; rebuilding it", path)
+        except Exception as err:  # a truncated or foreign file: rebuild, never trust
+            log.warning("logit cache %s is unreadable (%s); rebuilding it", path, err)
+    logits, labels = _compute(member, loader, device)
+    bad = (~torch.isfinite(logits)).any(dim=1)
+    if bad.any():
+        raise ValueError(
+            f"member {member.path.name} produced NaN/Inf outputs for {int(bad.sum())} of "
+            f"{len(bad)} samples; retrain it (e.g. lower train.optimizer.lr) or drop it"
+        )
+    torch_save(path, {"key": key_fields, "logits": logits, "labels": labels})
+    return logits, labels
+
+
+def ensemble_probs(members: list[Member], loader: DataLoader, device: torch.device,
+                   cache_dir: str | Path, split_fingerprint: str, transform: str,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs (N, S, C), labels (S,))`` for all members, labels checked to agree."""
+    probs, labels = [], None
+    for member in members:
+        logits, y = member_logits(member, loader, device, cache_dir, split_fingerprint, transform)
+        if labels is not None and not torch.equal(labels, y):
+            raise ValueError(f"cached labels of {member.path.name} disagree with the other members; "
+                             f"delete {Path(cache_dir) / 'logits'} and rerun")
+        labels = y
+        probs.append(logits.softmax(dim=-1))
+    return torch.stack(probs), labels

@@ -1,0 +1,152 @@
+"""The contract every flexens data module keeps: a held-out calibration split.
+
+Members train on ``train`` minus ``calib``; calibration (and the validation monitor during
+training) sees only ``calib``; the test split is for evaluation only. The split depends on
+``split_seed`` alone, never on the member seed, so every member of an ensemble holds out the
+very same samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytorch_lightning as L
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from flexens.artifacts import fingerprint
+
+
+def calibration_split(
+    targets: Sequence[int], calib_fraction: float, split_seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, deterministic (train indices, calibration indices), both sorted."""
+    if not 0 < calib_fraction < 1:
+        raise ValueError(
+            f"data.calib_fraction must be in (0, 1), got {calib_fraction}; e.g. data.calib_fraction=0.1"
+        )
+    indices = np.arange(len(targets))
+    train, calib = train_test_split(
+        indices, test_size=calib_fraction, random_state=split_seed, stratify=np.asarray(targets)
+    )
+    return np.sort(train), np.sort(calib)
+
+
+class EnsembleDataModule(L.LightningDataModule):
+    """Shared split logic; subclasses build the three datasets in :meth:`build`.
+
+    ``build`` returns ``(train_augmented, train_plain, test)``: the first two index the same
+    training samples, with and without augmentation (calibration must not see augmented
+    images).
+    """
+
+    name: str = "data"
+
+    def __init__(self, name: str | None = None, batch_size: int = 128, eval_batch_size: int = 256, num_workers: int = 0,
+                 calib_fraction: float = 0.1, split_seed: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False) -> None:
+        super().__init__()
+        if name is not None:
+            self.name = name
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.calib_fraction = calib_fraction
+        self.split_seed = split_seed
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self._built = False
+
+    # -- subclass API -----------------------------------------------------------------
+    def build(self) -> tuple[Dataset, Dataset, Dataset]:
+        raise NotImplementedError
+
+    @property
+    def train_targets(self) -> Sequence[int]:
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def in_chans(self) -> int:
+        raise NotImplementedError
+
+    def sample_ids(self) -> Sequence:
+        """Stable identity of each training sample (file path, or index)."""
+        return range(len(self.train_targets))
+
+    def data_fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def image_transform(self):
+        """PIL image → model input, for ``infer.py input=...``."""
+        raise NotImplementedError
+
+    def eval_transform_description(self) -> str:
+        """What the evaluation transform does, part of the logit cache key."""
+        raise NotImplementedError
+
+    # -- Lightning hooks ----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._built:
+            return
+        self.train_augmented, self.train_plain, self.test_set = self.build()
+        self.train_indices, self.calib_indices = calibration_split(
+            self.train_targets, self.calib_fraction, self.split_seed
+        )
+        self._built = True
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def calib_fingerprint(self) -> str:
+        self.setup()
+        ids = self.sample_ids()
+        return fingerprint([self.data_fingerprint(), *(ids[i] for i in self.calib_indices)])
+
+    @property
+    def calib_set(self) -> Dataset:
+        self.setup()
+        return Subset(self.train_plain, self.calib_indices.tolist())
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(Subset(self.train_augmented, self.train_indices.tolist()),
+                            self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.calib_dataloader()
+
+    def calib_dataloader(self) -> DataLoader:
+        return self._loader(self.calib_set, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def describe(self) -> dict:
+        self.setup()
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "in_chans": self.in_chans,
+            "fingerprint": self.data_fingerprint(),
+            "calib_fingerprint": self.calib_fingerprint(),
+            "train_size": len(self.train_indices),
+            "calib_size": len(self.calib_indices),
+            "test_size": len(self.test_set),
+        }

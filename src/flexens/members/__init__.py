@@ -1,0 +1,1 @@
+"""Member networks: factory, training module, on-disk registry."""

@@ -1,0 +1,1 @@
+"""Run reporting: loggers (W&B offline by default, CSV), tables and plots."""

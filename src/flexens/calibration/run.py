@@ -105,10 +105,8 @@ def search_thresholds(cfg: DictConfig, table: StageTable, objective: Objective):
     start = time.perf_counter()
     if c.search == "shared":
         result = search.shared()
-    elif c.search == "per_stage":
-        result = search.per_stage(int(c.exhaustive_max_evals), int(c.restarts), seed=0)
     else:
-        raise ValueError(f"unknown calibrate.search {c.search!r}; use shared or per_stage")
+        result = search.per_stage(int(c.exhaustive_max_evals), int(c.restarts), seed=0)
     seconds = time.perf_counter() - start
     return result, seconds, grid
 
@@ -135,7 +133,19 @@ def output_path(cfg: DictConfig, run: Path) -> Path | None:
     return Path(cfg.paths.members_dir) / "thresholds.json"
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Fail on bad calibrate.* values before any member is loaded or run."""
+    c = cfg.calibrate
+    get_criterion(c.criterion)
+    make_grid(float(c.grid_step))
+    Objective(kind=str(c.objective), latency_full_ms=1.0, error_full=0.0, num_samples=1,
+              lam=float(c.lam), max_drop=float(c.max_drop), drop_mode=str(c.drop_mode))
+    if c.search not in ("shared", "per_stage"):
+        raise ValueError(f"unknown calibrate.search {c.search!r}; use shared or per_stage")
+
+
 def calibrate(cfg: DictConfig) -> dict:
+    check_settings(cfg)
     members, datamodule = prepare_ensemble(cfg)
     device = resolve_device(cfg.device)
     criterion = get_criterion(cfg.calibrate.criterion)

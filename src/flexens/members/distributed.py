@@ -20,6 +20,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import read_write
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -28,10 +29,10 @@ _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_S
 def ddp_member_scope(trainer: L.Trainer) -> Iterator[None]:
     """Wrap ``trainer.fit`` so the DDP ranks Lightning starts train this job's member only.
 
-    A no-op for one process, and where ranks come from outside (SLURM, torchrun, or this
-    process being a child rank itself): those set ``LOCAL_RANK`` before we get here.
+    A no-op unless Lightning itself starts the other ranks: not for one process, and not
+    where they come from outside (SLURM, torchrun, or this process being a child rank).
     """
-    if trainer.world_size == 1 or "LOCAL_RANK" in os.environ:
+    if not _starts_ranks_itself(trainer):
         yield
         return
     argv, env = list(sys.argv), {k: os.environ.get(k) for k in _LAUNCH_ENV}
@@ -47,6 +48,16 @@ def ddp_member_scope(trainer: L.Trainer) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _starts_ranks_itself(trainer: L.Trainer) -> bool:
+    launcher = getattr(trainer.strategy, "launcher", None)
+    cluster = getattr(trainer.strategy, "cluster_environment", None)
+    return (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and cluster is not None
+        and not cluster.creates_processes_externally
+    )
 
 
 def _pin_children_to_job() -> None:

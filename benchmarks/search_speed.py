@@ -51,13 +51,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def machine() -> dict:
     """Where the figures come from: timings are only comparable on the same machine."""
-    return {"device": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    return {
+        "device": device_name(torch.device("cpu")),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
 
 
-def synthetic_member_probs(members: int, samples: int, classes: int,
-                           seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_member_probs(
+    members: int, samples: int, classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax outputs ``(N, S, C)`` and labels of correlated members of realistic accuracy.
 
     Shared per-sample terms (how strongly the true class stands out, and which wrong
@@ -79,8 +84,8 @@ def stage_costs_ms(members: int) -> np.ndarray:
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float], object]:
-    """Median seconds of ``repeats`` calls (noise on a shared machine only adds time), the
-    individual times, and the last call's result."""
+    """Median seconds of ``repeats`` calls (the odd run slowed by other load on the machine
+    does not move it), the individual times, and the last call's result."""
     times, result = [], None
     for _ in range(repeats):
         start = time.perf_counter()
@@ -92,10 +97,17 @@ def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[flo
 def summarise(table: StageTable, result: SearchResult, seconds: float, times: list[float]) -> dict:
     """A search's speed and what its thresholds do on the calibration samples."""
     outcome = table.evaluate(result.thresholds)
-    return {"median_s": seconds, "times_s": times, "method": result.method,
-            "evaluations": result.evaluations, "thresholds": result.thresholds.tolist(),
-            "score": result.score, "accuracy": outcome.accuracy,
-            "avg_members": outcome.avg_members, "latency_ms": outcome.latency_ms}
+    return {
+        "median_s": seconds,
+        "times_s": times,
+        "method": result.method,
+        "evaluations": result.evaluations,
+        "thresholds": result.thresholds.tolist(),
+        "score": result.score,
+        "accuracy": outcome.accuracy,
+        "avg_members": outcome.avg_members,
+        "latency_ms": outcome.latency_ms,
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -103,22 +115,31 @@ def run(args: argparse.Namespace) -> dict:
     probs, labels = synthetic_member_probs(args.members, args.samples, args.classes, args.seed)
     criterion, costs = get_criterion("margin"), stage_costs_ms(args.members)
     build_s, build_times, table = median_time(
-        lambda: StageTable.from_probs(probs, labels, criterion, costs), args.repeats)
+        lambda: StageTable.from_probs(probs, labels, criterion, costs), args.repeats
+    )
     full, grid = table.full(), make_grid(args.step)
     objective = Objective("lambda", full.latency_ms, full.error, table.num_samples, lam=args.lam)
     shared_s, shared_times, shared = median_time(
-        lambda: ThresholdSearch(table, grid, objective).shared(), args.repeats)
+        lambda: ThresholdSearch(table, grid, objective).shared(), args.repeats
+    )
     per_stage_s, per_stage_times, per_stage = median_time(
         lambda: ThresholdSearch(table, grid, objective).per_stage(
-            max_exhaustive_evals=20_000, restarts=args.restarts, seed=args.seed),
-        args.repeats)
+            max_exhaustive_evals=20_000, restarts=args.restarts, seed=args.seed
+        ),
+        args.repeats,
+    )
     member_acc = (probs.argmax(-1) == labels).float().mean(dim=1)
     return {
-        "benchmark": "search_speed", "machine": machine(),
+        "benchmark": "search_speed",
+        "machine": machine(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "data": {"member_accuracy_mean": float(member_acc.mean()),
-                 "full_accuracy": full.accuracy, "first_member_accuracy": table.prefix(1).accuracy,
-                 "grid_points": len(grid), "stage_cost_ms": costs.tolist()},
+        "data": {
+            "member_accuracy_mean": float(member_acc.mean()),
+            "full_accuracy": full.accuracy,
+            "first_member_accuracy": table.prefix(1).accuracy,
+            "grid_points": len(grid),
+            "stage_cost_ms": costs.tolist(),
+        },
         "table_build": {"median_s": build_s, "times_s": build_times},
         "shared": summarise(table, shared, shared_s, shared_times),
         "per_stage": summarise(table, per_stage, per_stage_s, per_stage_times),
@@ -129,24 +150,32 @@ def run(args: argparse.Namespace) -> dict:
 def report(result: dict) -> None:
     """The table a reader checks: timings, search effort, and the acceptance verdict."""
     cfg, data = result["config"], result["data"]
-    print(f"machine: {result['machine']['device']}, {result['machine']['cpu_count']} CPUs, "
-          f"torch {result['machine']['torch']}")
-    print(f"{cfg['samples']} samples × {cfg['members']} members × {data['grid_points']}-point "
-          f"grid; member acc {data['member_accuracy_mean']:.1%}, "
-          f"ensemble acc {data['full_accuracy']:.1%}")
+    print(
+        f"machine: {result['machine']['device']}, {result['machine']['cpu_count']} CPUs, "
+        f"torch {result['machine']['torch']}"
+    )
+    print(
+        f"{cfg['samples']} samples × {cfg['members']} members × {data['grid_points']}-point "
+        f"grid; member acc {data['member_accuracy_mean']:.1%}, "
+        f"ensemble acc {data['full_accuracy']:.1%}"
+    )
     print(f"{'step':<12}{'median s':>10}{'method':>20}{'evals':>9}{'acc':>8}{'members':>9}")
     print(f"{'StageTable':<12}{result['table_build']['median_s']:>10.3f}")
     for name in ("shared", "per_stage"):
         r = result[name]
-        print(f"{name:<12}{r['median_s']:>10.3f}{r['method']:>20}{r['evaluations']:>9}"
-              f"{r['accuracy']:>8.1%}{r['avg_members']:>9.2f}")
+        print(
+            f"{name:<12}{r['median_s']:>10.3f}{r['method']:>20}{r['evaluations']:>9}"
+            f"{r['accuracy']:>8.1%}{r['avg_members']:>9.2f}"
+        )
     verdict = "PASS" if result["target"]["passed"] else "FAIL"
-    print(f"{verdict}: per-stage search {result['per_stage']['median_s']:.3f} s "
-          f"(target ≤ {TARGET_S:g} s)")
+    print(
+        f"{verdict}: per-stage search {result['per_stage']['median_s']:.3f} s "
+        f"(target ≤ {TARGET_S:g} s)"
+    )
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main() -> None:
+    args = parse_args()
     result = run(args)
     report(result)
     write_json(args.out, result)

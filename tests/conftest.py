@@ -18,10 +18,18 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def run_script(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, from the project folder."""
     env = {**os.environ, "FLEXENS_ROOT": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(overrides)} failed:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{script} {' '.join(overrides)} failed:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -29,6 +37,14 @@ def run_script(script: str, *overrides: str, check: bool = True) -> subprocess.C
 def digits_ensemble(tmp_path_factory) -> Path:
     """Three small digits members trained by the real entry point; returns the output dir."""
     out = tmp_path_factory.mktemp("outputs")
-    run_script("train.py", "-m", "seed=0,1,2", f"paths.output_dir={out}", "logger=csv",
-               "trainer.max_epochs=3", "train.progress_bar=false", "model.kwargs.width=8")
+    run_script(
+        "train.py",
+        "-m",
+        "seed=0,1,2",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        "trainer.max_epochs=3",
+        "train.progress_bar=false",
+        "model.kwargs.width=8",
+    )
     return out

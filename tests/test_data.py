@@ -49,9 +49,17 @@ def make_tree(root, classes=("cat", "dog", "eel"), per_class=10, size=12):
 @pytest.mark.parametrize("cache_decoded", [False, True])
 def test_imagefolder_module_on_a_small_tree(tmp_path, cache_decoded):
     root = make_tree(tmp_path / "tree")
-    dm = ImageFolderDataModule(root=str(root), name="tiny", test_split="test", preset="cifar",
-                               image_size=8, cache_decoded=cache_decoded,
-                               cache_dir=str(tmp_path / "cache"), calib_fraction=0.2, batch_size=4)
+    dm = ImageFolderDataModule(
+        root=str(root),
+        name="tiny",
+        test_split="test",
+        preset="cifar",
+        image_size=8,
+        cache_decoded=cache_decoded,
+        cache_dir=str(tmp_path / "cache"),
+        calib_fraction=0.2,
+        batch_size=4,
+    )
     dm.setup()
     assert dm.class_names == ["cat", "dog", "eel"]
     assert len(dm.calib_indices) == 6 and len(dm.train_indices) == 24

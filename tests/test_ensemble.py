@@ -11,7 +11,9 @@ from flexens.ensemble import FlexibleEnsembleModule
 from flexens.halting import get_criterion
 
 
-def make_members(n: int = 4, features: int = 16, classes: int = 5, seed: int = 0) -> list[nn.Module]:
+def make_members(
+    n: int = 4, features: int = 16, classes: int = 5, seed: int = 0
+) -> list[nn.Module]:
     torch.manual_seed(seed)
     members = []
     for _ in range(n):
@@ -80,8 +82,9 @@ def test_simulation_and_predict_step_agree_sample_by_sample():
         table = StageTable.from_probs(probs, labels, get_criterion(criterion), np.ones(5))
         thresholds = np.quantile(table.confidence[:-1], 0.5, axis=1).round(2)
         module = FlexibleEnsembleModule(members, thresholds.tolist(), criterion=criterion)
-        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                            enable_model_summary=False)
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
         out = trainer.predict(module, DataLoader(TensorDataset(x, labels), batch_size=64))
         exits = torch.cat([o["exit_stage"] for o in out]).numpy()
         predictions = torch.cat([o["prediction"] for o in out]).numpy()
@@ -99,5 +102,7 @@ def test_oracle_mode_matches_the_simulated_oracle():
         probs = torch.stack([m(x).softmax(-1) for m in members])
         out = FlexibleEnsembleModule(members, mode="oracle")(x)
     table = StageTable.from_probs(probs, labels, get_criterion("margin"), np.ones(4))
-    assert out["exit_stage"].float().add(1).mean().item() == pytest.approx(table.oracle().avg_members)
+    assert out["exit_stage"].float().add(1).mean().item() == pytest.approx(
+        table.oracle().avg_members
+    )
     assert torch.equal(out["prediction"], averaged(members, x).argmax(1))

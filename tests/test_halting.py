@@ -38,10 +38,12 @@ def test_halting_is_strictly_above_threshold_and_last_always_answers():
 
 def test_stage_outputs_and_exits_with_known_answers():
     # two members, two samples, two classes
-    probs = torch.tensor([
-        [[0.9, 0.1], [0.55, 0.45]],  # member 1
-        [[0.7, 0.3], [0.05, 0.95]],  # member 2
-    ])
+    probs = torch.tensor(
+        [
+            [[0.9, 0.1], [0.55, 0.45]],  # member 1
+            [[0.7, 0.3], [0.05, 0.95]],  # member 2
+        ]
+    )
     conf, pred = stage_outputs(probs, get_criterion("margin"))
     assert torch.allclose(conf, torch.tensor([[0.8, 0.1], [0.6, 0.4]]))
     assert pred.tolist() == [[0, 0], [0, 1]]

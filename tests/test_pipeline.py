@@ -20,7 +20,10 @@ def newest(out, pattern):
 def test_train_calibrate_infer(digits_ensemble):
     out = digits_ensemble
     assert sorted(p.name for p in (out / MEMBERS).glob("seed=*.ckpt")) == [
-        "seed=0.ckpt", "seed=1.ckpt", "seed=2.ckpt"]
+        "seed=0.ckpt",
+        "seed=1.ckpt",
+        "seed=2.ckpt",
+    ]
     meta = json.loads((out / MEMBERS / "seed=0.json").read_text())
     assert meta["num_classes"] == 10 and meta["calib_fingerprint"] and meta["sha256"]
 
@@ -30,14 +33,22 @@ def test_train_calibrate_infer(digits_ensemble):
     assert len(thresholds["thresholds"]) == 2 and thresholds["search"]["method"] == "exhaustive"
     assert [m["seed"] for m in thresholds["members"]] == [0, 1, 2]
     cal = thresholds["calibration"]
-    assert cal["flexible"]["avg_members"] < 3 and cal["oracle"]["avg_members"] <= cal["flexible"]["avg_members"]
+    assert (
+        cal["flexible"]["avg_members"] < 3
+        and cal["oracle"]["avg_members"] <= cal["flexible"]["avg_members"]
+    )
     assert thresholds["pareto_front"] and thresholds["calibration"]["lambda_curve"]
     run = newest(out, "runs/calibrate/*")
     for png in ("confidence_histogram.png", "accuracy_vs_latency.png", "pareto_front.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
 
-    result = run_script("infer.py", f"paths.output_dir={out}", "logger=csv",
-                        "infer.latency_images=20", "infer.throughput_images=256")
+    result = run_script(
+        "infer.py",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        "infer.latency_images=20",
+        "infer.throughput_images=256",
+    )
     metrics = json.loads((newest(out, "runs/infer/*") / "metrics.json").read_text())
     for mode in ("flexible", "full"):
         for key in ("accuracy", "avg_members", "latency_ms_per_image", "throughput_img_s"):
@@ -72,8 +83,13 @@ def test_operating_point_and_images_in_the_wild(digits_ensemble, tmp_path):
     Image.fromarray(np.full((16, 16), 200, np.uint8)).save(folder / "grey.png")
     Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(folder / "clear.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
-    result = run_script("infer.py", f"paths.output_dir={out}", "logger=csv", f"input={folder}",
-                        "infer.operating_point.budget_ms=1e9")
+    result = run_script(
+        "infer.py",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        f"input={folder}",
+        "infer.operating_point.budget_ms=1e9",
+    )
     assert "skipped" in result.stdout and "broken.jpg" in result.stdout
     rows = list(csv.DictReader((newest(out, "runs/infer/*") / "predictions.csv").open()))
     assert [r["file"].rsplit("/", 1)[1] for r in rows] == ["clear.png", "grey.png"]
@@ -92,32 +108,68 @@ def test_bad_input_ends_with_one_line_and_writes_nothing(digits_ensemble, tmp_pa
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and match in lines[0], result.stderr
 
-    fails("calibrate.py", f"paths.output_dir={out}", "logger=csv", "calibrate.lam=-1",
-          match="calibrate.lam must be a finite number >= 0, got -1")
-    fails("calibrate.py", f"paths.output_dir={out}", "logger=csv", "calibrate.grid_step=0",
-          match="grid_step must be in (0, 1], got 0")
-    fails("train.py", f"paths.output_dir={tmp_path}", "logger=csv", "model.arch=no_such_net",
-          match="unknown model architecture 'no_such_net'")
-    fails("train.py", f"paths.output_dir={tmp_path}", "logger=csv", "data=cifar10",
-          f"data.root={tmp_path}/missing", match="missing' does not exist")
+    fails(
+        "calibrate.py",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        "calibrate.lam=-1",
+        match="calibrate.lam must be a finite number >= 0, got -1",
+    )
+    fails(
+        "calibrate.py",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        "calibrate.grid_step=0",
+        match="grid_step must be in (0, 1], got 0",
+    )
+    fails(
+        "train.py",
+        f"paths.output_dir={tmp_path}",
+        "logger=csv",
+        "model.arch=no_such_net",
+        match="unknown model architecture 'no_such_net'",
+    )
+    fails(
+        "train.py",
+        f"paths.output_dir={tmp_path}",
+        "logger=csv",
+        "data=cifar10",
+        f"data.root={tmp_path}/missing",
+        match="missing' does not exist",
+    )
     tampered = json.loads(before)
     tampered["members"][1]["sha256"] = "0" * 64
     (tmp_path / "t.json").write_text(json.dumps(tampered))
-    fails("infer.py", f"paths.output_dir={out}", "logger=csv", f"infer.thresholds={tmp_path}/t.json",
-          match="seed=1.ckpt changed since")
+    fails(
+        "infer.py",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        f"infer.thresholds={tmp_path}/t.json",
+        match="seed=1.ckpt changed since",
+    )
     tampered = json.loads(before)
     tampered["thresholds"] = [0.5]
     (tmp_path / "t.json").write_text(json.dumps(tampered))
-    fails("infer.py", f"paths.output_dir={out}", "logger=csv", f"infer.thresholds={tmp_path}/t.json",
-          match="1 thresholds for 3 members")
+    fails(
+        "infer.py",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        f"infer.thresholds={tmp_path}/t.json",
+        match="1 thresholds for 3 members",
+    )
     assert published.read_bytes() == before
     assert not list(tmp_path.glob("members/*/seed=*.ckpt"))
 
 
 def test_one_member_has_nothing_to_calibrate(digits_ensemble, tmp_path):
     out = digits_ensemble
-    result = run_script("calibrate.py", f"paths.output_dir={out}", "logger=csv", "ensemble.order=[1]",
-                        f"calibrate.output={tmp_path}/one.json")
+    result = run_script(
+        "calibrate.py",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        "ensemble.order=[1]",
+        f"calibrate.output={tmp_path}/one.json",
+    )
     assert "nothing to calibrate" in result.stdout
     report = json.loads((tmp_path / "one.json").read_text())
     assert report["thresholds"] == [] and report["calibration"]["flexible"]["avg_members"] == 1

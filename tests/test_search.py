@@ -50,8 +50,9 @@ def test_per_stage_reports_method_and_evaluations():
     table = random_table(0)
     small = ThresholdSearch(table, make_grid(0.01), objective_for(table)).per_stage(20000, 2)
     assert small.method == "exhaustive" and small.evaluations == 101**2
-    big = ThresholdSearch(random_table(0, members=5), make_grid(0.01),
-                          objective_for(random_table(0, members=5))).per_stage(20000, 2)
+    big = ThresholdSearch(
+        random_table(0, members=5), make_grid(0.01), objective_for(random_table(0, members=5))
+    ).per_stage(20000, 2)
     assert big.method == "coordinate_descent" and big.evaluations > 101
 
 
@@ -59,9 +60,12 @@ def test_per_stage_reports_method_and_evaluations():
 def test_coordinate_descent_matches_exhaustive_on_small_cases(seed):
     table = random_table(seed)
     for lam in (0.3, 3.0, 30.0):
-        exhaustive = ThresholdSearch(table, make_grid(0.02), objective_for(table, lam=lam)).exhaustive()
+        exhaustive = ThresholdSearch(
+            table, make_grid(0.02), objective_for(table, lam=lam)
+        ).exhaustive()
         descent = ThresholdSearch(table, make_grid(0.02), objective_for(table, lam=lam)).per_stage(
-            max_exhaustive_evals=1, restarts=4, seed=seed)
+            max_exhaustive_evals=1, restarts=4, seed=seed
+        )
         assert descent.score == pytest.approx(exhaustive.score, abs=1e-12)
 
 
@@ -84,11 +88,15 @@ def test_constraint_objectives():
     table = random_table(1, members=4, samples=1000)
     full = table.full()
     grid = make_grid(0.01)
-    drop = ThresholdSearch(table, grid, objective_for(table, "max_drop", max_drop=0.0)).per_stage(1, 2)
+    drop = ThresholdSearch(table, grid, objective_for(table, "max_drop", max_drop=0.0)).per_stage(
+        1, 2
+    )
     assert table.evaluate(drop.thresholds).error <= full.error + 1e-12
     assert table.evaluate(drop.thresholds).latency_ms < full.latency_ms
     budget_ms = 0.6 * full.latency_ms
-    budget = ThresholdSearch(table, grid, objective_for(table, "budget", budget_ms=budget_ms)).per_stage(1, 2)
+    budget = ThresholdSearch(
+        table, grid, objective_for(table, "budget", budget_ms=budget_ms)
+    ).per_stage(1, 2)
     assert table.evaluate(budget.thresholds).latency_ms <= budget_ms
     # an impossible budget: the closest point (cheapest) is returned, flagged infeasible
     objective = objective_for(table, "budget", budget_ms=0.1)
@@ -128,8 +136,12 @@ def test_pareto_front_and_operating_point_selection():
 
 
 def test_oracle_is_the_earliest_stage_agreeing_with_the_full_ensemble():
-    table = StageTable(np.zeros((3, 3), np.float32), np.ones((3, 3), bool),
-                       np.array([[1, 2, 0], [1, 1, 0], [1, 1, 2]]), np.array([1.0, 2.0, 3.0]))
+    table = StageTable(
+        np.zeros((3, 3), np.float32),
+        np.ones((3, 3), bool),
+        np.array([[1, 2, 0], [1, 1, 0], [1, 1, 2]]),
+        np.array([1.0, 2.0, 3.0]),
+    )
     oracle = table.oracle()
     assert oracle.avg_members == pytest.approx((1 + 2 + 3) / 3)
     assert oracle.latency_ms == pytest.approx((1 + 3 + 6) / 3)

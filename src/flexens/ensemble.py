@@ -31,8 +31,9 @@ def run_full(members: Sequence[nn.Module], x: Tensor) -> Tensor:
     return running_mean(prob_sum, len(members))
 
 
-def run_flexible(members: Sequence[nn.Module], x: Tensor, thresholds: Sequence[float],
-                 criterion: Criterion) -> dict[str, Tensor]:
+def run_flexible(
+    members: Sequence[nn.Module], x: Tensor, thresholds: Sequence[float], criterion: Criterion
+) -> dict[str, Tensor]:
     """Batched halting: each stage runs only on the samples still undecided.
 
     Every stage writes its running result for all its active samples; samples that go on
@@ -61,8 +62,12 @@ def run_flexible(members: Sequence[nn.Module], x: Tensor, thresholds: Sequence[f
             break
         if keep.numel() < active.numel():
             active, prob_sum, x = active[keep], prob_sum[keep], x[keep]
-    return {"probs": probs_out, "prediction": probs_out.argmax(dim=1), "exit_stage": exit_stage,
-            "confidence": confidence}
+    return {
+        "probs": probs_out,
+        "prediction": probs_out.argmax(dim=1),
+        "exit_stage": exit_stage,
+        "confidence": confidence,
+    }
 
 
 def run_prefix(members: Sequence[nn.Module], x: Tensor, criterion: Criterion) -> dict[str, Tensor]:
@@ -84,9 +89,15 @@ class FlexibleEnsembleModule(L.LightningModule):
     sample answers at the earliest stage that already agrees with the full ensemble).
     """
 
-    def __init__(self, members: Sequence[nn.Module], thresholds: Sequence[float] | None = None,
-                 criterion: str = "margin", mode: str = "flexible", first_k: int | None = None,
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        thresholds: Sequence[float] | None = None,
+        criterion: str = "margin",
+        mode: str = "flexible",
+        first_k: int | None = None,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -107,9 +118,13 @@ class FlexibleEnsembleModule(L.LightningModule):
 
     def set_mode(self, mode: str, first_k: int | None = None) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)} (infer.mode=...)")
+            raise ValueError(
+                f"unknown mode {mode!r}; use one of {', '.join(MODES)} (infer.mode=...)"
+            )
         if mode == "first_k" and not (first_k is not None and 1 <= first_k <= self.num_members):
-            raise ValueError(f"first_k must be in 1..{self.num_members}, got {first_k} (infer.first_k=...)")
+            raise ValueError(
+                f"first_k must be in 1..{self.num_members}, got {first_k} (infer.first_k=...)"
+            )
         self.mode, self.first_k = mode, first_k
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -123,8 +138,12 @@ class FlexibleEnsembleModule(L.LightningModule):
         used = members if self.mode == "full" else members[: self.first_k]
         probs = run_full(used, x)
         exit_stage = torch.full((x.shape[0],), len(used) - 1, dtype=torch.long, device=x.device)
-        return {"probs": probs, "prediction": probs.argmax(dim=1), "exit_stage": exit_stage,
-                "confidence": self.criterion(probs)}
+        return {
+            "probs": probs,
+            "prediction": probs.argmax(dim=1),
+            "exit_stage": exit_stage,
+            "confidence": self.criterion(probs),
+        }
 
     def _oracle(self, members: list[nn.Module], x: Tensor) -> dict[str, Tensor]:
         out = run_prefix(members, x, self.criterion)
@@ -132,8 +151,12 @@ class FlexibleEnsembleModule(L.LightningModule):
         exit_stage = (predictions == predictions[-1:]).to(torch.int8).argmax(dim=0).long()
         samples = torch.arange(x.shape[0], device=x.device)
         probs = out["stage_probs"][exit_stage, samples]
-        return {"probs": probs, "prediction": probs.argmax(dim=1), "exit_stage": exit_stage,
-                "confidence": out["stage_confidence"][exit_stage, samples]}
+        return {
+            "probs": probs,
+            "prediction": probs.argmax(dim=1),
+            "exit_stage": exit_stage,
+            "confidence": out["stage_confidence"][exit_stage, samples],
+        }
 
     def predict_step(self, batch, batch_idx: int = 0) -> dict[str, Tensor]:
         x, target = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)

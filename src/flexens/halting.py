@@ -118,8 +118,11 @@ def exit_stages(confidence: Tensor, thresholds: Tensor) -> Tensor:
     thresholds = validate_thresholds(thresholds, num_members)
     halts = torch.stack(
         [
-            should_halt(confidence[k], float(thresholds[k]) if k < num_members - 1 else 0.0,
-                        is_last=k == num_members - 1)
+            should_halt(
+                confidence[k],
+                float(thresholds[k]) if k < num_members - 1 else 0.0,
+                is_last=k == num_members - 1,
+            )
             for k in range(num_members)
         ]
     )

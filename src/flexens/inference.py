@@ -38,8 +38,10 @@ def load_calibrated_members(cfg: DictConfig) -> tuple[list[Member], dict]:
     """The members named in thresholds.json, checked by count and checkpoint hash."""
     path = Path(cfg.infer.thresholds)
     if not path.is_file():
-        raise FileNotFoundError(f"thresholds file {str(path)!r} does not exist; run calibrate.py first "
-                                "(or pass infer.thresholds=/path/to/thresholds.json)")
+        raise FileNotFoundError(
+            f"thresholds file {str(path)!r} does not exist; run calibrate.py first "
+            "(or pass infer.thresholds=/path/to/thresholds.json)"
+        )
     calibration = read_json(path)
     members = [load_member(Path(m["path"])) for m in calibration["members"]]
     for recorded, member in zip(calibration["members"], members, strict=True):
@@ -49,8 +51,10 @@ def load_calibrated_members(cfg: DictConfig) -> tuple[list[Member], dict]:
                 "recalibrate: python calibrate.py"
             )
     if len(calibration["thresholds"]) != len(members) - 1:
-        raise ValueError(f"{path} holds {len(calibration['thresholds'])} thresholds for "
-                         f"{len(members)} members; recalibrate: python calibrate.py")
+        raise ValueError(
+            f"{path} holds {len(calibration['thresholds'])} thresholds for "
+            f"{len(members)} members; recalibrate: python calibrate.py"
+        )
     return members, calibration
 
 
@@ -62,11 +66,12 @@ def operating_point(cfg: DictConfig, calibration: dict) -> tuple[list[float], st
         return calibration["thresholds"], "calibrated"
     if len(chosen) > 1:
         raise ValueError(f"pick one infer.operating_point setting, got {sorted(chosen)}")
-    (kind, value), = chosen.items()
+    ((kind, value),) = chosen.items()
     full = calibration["calibration"]["full"]
     objective = Objective(
         kind={"lam": "lambda", "max_drop": "max_drop", "budget_ms": "budget"}[kind],
-        latency_full_ms=full["expected_latency_ms"], error_full=1.0 - full["accuracy"],
+        latency_full_ms=full["expected_latency_ms"],
+        error_full=1.0 - full["accuracy"],
         num_samples=calibration["calibration"]["num_samples"],
         **{"lam": float(value)} if kind == "lam" else {},
         **{"max_drop": float(value)} if kind == "max_drop" else {},
@@ -74,14 +79,26 @@ def operating_point(cfg: DictConfig, calibration: dict) -> tuple[list[float], st
     )
     point, feasible = select_point(calibration["pareto_front"], objective)
     if not feasible:
-        print(f"warning: no calibrated operating point meets {objective.describe()}; using the "
-              f"closest ({point.accuracy:.2%} at {point.latency_ms:.3f} ms expected)")
+        print(
+            f"warning: no calibrated operating point meets {objective.describe()}; using the "
+            f"closest ({point.accuracy:.2%} at {point.latency_ms:.3f} ms expected)"
+        )
     return point.thresholds, f"{kind}={value:g}"
 
 
-def measure_latency(module: FlexibleEnsembleModule, singles: torch.Tensor, stream: torch.Tensor,
-                    batch_size: int, device: torch.device, warmup: int) -> dict:
-    """Median and p90 ms per image at batch 1, and images/s at the serving batch size."""
+def measure_latency(
+    module: FlexibleEnsembleModule,
+    singles: torch.Tensor,
+    stream: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    warmup: int,
+) -> dict:
+    """Median and p90 ms per image at batch 1, and images/s at the serving batch size.
+
+    ``"stream_outputs"`` holds the module's outputs over ``stream``, so callers can check
+    what was timed (their collection happens after the clock stops).
+    """
     singles, stream = singles.to(device), stream.to(device)
     with torch.inference_mode():
         for i in range(warmup):
@@ -96,13 +113,15 @@ def measure_latency(module: FlexibleEnsembleModule, singles: torch.Tensor, strea
         module(stream[:batch_size])
         synchronize(device)
         start = time.perf_counter()
-        for batch in stream.split(batch_size):
-            module(batch)
+        outputs = [module(batch) for batch in stream.split(batch_size)]
         synchronize(device)
         total = time.perf_counter() - start
-    return {"latency_ms_per_image": float(np.median(times) * 1e3),
-            "latency_p90_ms": float(np.quantile(times, 0.9) * 1e3),
-            "throughput_img_s": float(len(stream) / total)}
+    return {
+        "latency_ms_per_image": float(np.median(times) * 1e3),
+        "latency_p90_ms": float(np.quantile(times, 0.9) * 1e3),
+        "throughput_img_s": float(len(stream) / total),
+        "stream_outputs": {k: torch.cat([o[k] for o in outputs]).cpu() for k in outputs[0]},
+    }
 
 
 def evaluate_mode(trainer: L.Trainer, module: FlexibleEnsembleModule, loader) -> dict:
@@ -122,10 +141,18 @@ def infer(cfg: DictConfig) -> dict:
     members, calibration = load_calibrated_members(cfg)
     thresholds, point_name = operating_point(cfg, calibration)
     device = resolve_device(cfg.device)
-    module = FlexibleEnsembleModule(
-        [m.network for m in members], thresholds, calibration["criterion"], mode=cfg.infer.mode,
-        first_k=cfg.infer.first_k, channels_last=cfg.infer.channels_last,
-    ).to(device).eval()
+    module = (
+        FlexibleEnsembleModule(
+            [m.network for m in members],
+            thresholds,
+            calibration["criterion"],
+            mode=cfg.infer.mode,
+            first_k=cfg.infer.first_k,
+            channels_last=cfg.infer.channels_last,
+        )
+        .to(device)
+        .eval()
+    )
     print(f"thresholds ({point_name}): " + ", ".join(f"{t:.2f}" for t in thresholds))
     datamodule = instantiate(cfg.data)
     if cfg.input is not None:
@@ -133,13 +160,20 @@ def infer(cfg: DictConfig) -> dict:
 
     datamodule.setup()
     if datamodule.num_classes != members[0].num_classes:
-        raise ValueError(f"members predict {members[0].num_classes} classes, data={datamodule.name} "
-                         f"has {datamodule.num_classes}; pick the matching data=")
-    run = run_dir()
+        raise ValueError(
+            f"members predict {members[0].num_classes} classes, data={datamodule.name} "
+            f"has {datamodule.num_classes}; pick the matching data="
+        )
+    run = run_dir(cfg)
     logger = build_logger(cfg, run, name=f"{cfg.ensemble.name}-infer-{cfg.infer.mode}")
     log_config(logger, cfg)
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     test = datamodule.test_set
     n_single = min(int(cfg.infer.latency_images), len(test))
     n_stream = min(int(cfg.infer.throughput_images), len(test))
@@ -156,48 +190,73 @@ def infer(cfg: DictConfig) -> dict:
         results[mode] = evaluate_mode(trainer, module, datamodule.test_dataloader())
         if mode != "oracle":  # the oracle needs every member's output: no latency to claim
             module.to(device)
-            results[mode].update(measure_latency(module, singles, stream, int(cfg.infer.batch_size),
-                                                 device, int(cfg.infer.warmup)))
+            timing = measure_latency(
+                module, singles, stream, int(cfg.infer.batch_size), device, int(cfg.infer.warmup)
+            )
+            timing.pop("stream_outputs")
+            results[mode].update(timing)
             if mode in expected:
                 results[mode]["expected_latency_ms"] = expected[mode]
                 gap = results[mode]["latency_ms_per_image"] / expected[mode] - 1.0
                 results[mode]["latency_gap"] = gap
                 if abs(gap) > GAP_WARNING:
-                    print(f"warning: {mode} measured {results[mode]['latency_ms_per_image']:.3f} ms/image, "
-                          f"{gap:+.0%} off the calibration's expected {expected[mode]:.3f} ms "
-                          f"(profile from {calibration['latency_profile']['device']})")
+                    print(
+                        f"warning: {mode} measured {results[mode]['latency_ms_per_image']:.3f} ms/image, "
+                        f"{gap:+.0%} off the calibration's expected {expected[mode]:.3f} ms "
+                        f"(profile from {calibration['latency_profile']['device']})"
+                    )
     module.set_mode(cfg.infer.mode, cfg.infer.first_k)
     per_sample = results[cfg.infer.mode].pop("_per_sample")
     for r in results.values():
         r.pop("_per_sample", None)
     metrics = {
         **results,
-        "ensemble": calibration["ensemble"], "members": len(members),
-        "criterion": calibration["criterion"], "thresholds": list(thresholds),
-        "operating_point": point_name, "device": device_name(device),
-        "test_samples": len(test), "latency_images": n_single, "throughput_images": n_stream,
+        "ensemble": calibration["ensemble"],
+        "members": len(members),
+        "criterion": calibration["criterion"],
+        "thresholds": list(thresholds),
+        "operating_point": point_name,
+        "device": device_name(device),
+        "test_samples": len(test),
+        "latency_images": n_single,
+        "throughput_images": n_stream,
         "batch_size": int(cfg.infer.batch_size),
     }
     write_json(run / "metrics.json", metrics)
     class_names = members[0].meta["class_names"]
-    rows = [[i, class_names[int(t)], class_names[int(p)], float(c), int(e) + 1]
-            for i, (t, p, c, e) in enumerate(zip(per_sample["target"], per_sample["prediction"],
-                                                 per_sample["probs"].amax(dim=1),
-                                                 per_sample["exit_stage"], strict=True))]
+    rows = [
+        [i, class_names[int(t)], class_names[int(p)], float(c), int(e) + 1]
+        for i, (t, p, c, e) in enumerate(
+            zip(
+                per_sample["target"],
+                per_sample["prediction"],
+                per_sample["probs"].amax(dim=1),
+                per_sample["exit_stage"],
+                strict=True,
+            )
+        )
+    ]
     columns = ["index", "target", "prediction", "confidence", "members_used"]
     write_csv(run / "predictions.csv", columns, rows)
     print_table(results)
     print(f"metrics: {run / 'metrics.json'}")
     if logger is not None:
-        logger.log_metrics({f"test/{mode}/{k}": v for mode, r in results.items()
-                            for k, v in r.items() if isinstance(v, float)})
+        logger.log_metrics(
+            {
+                f"test/{mode}/{k}": v
+                for mode, r in results.items()
+                for k, v in r.items()
+                if isinstance(v, float)
+            }
+        )
         log_table(logger, "per_sample_exits", columns, rows)
     close_logger(logger)
     return metrics
 
 
-def predict_images(cfg: DictConfig, module: FlexibleEnsembleModule, datamodule,
-                   members: list[Member]) -> dict:
+def predict_images(
+    cfg: DictConfig, module: FlexibleEnsembleModule, datamodule, members: list[Member]
+) -> dict:
     """predictions.csv for unlabelled images; unreadable files are reported and skipped."""
     paths = find_images(cfg.input)
     loaded = load_images(paths, members[0].arch.get("in_chans", 3), datamodule.image_transform())
@@ -213,10 +272,17 @@ def predict_images(cfg: DictConfig, module: FlexibleEnsembleModule, datamodule,
     cat = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
     class_names = members[0].meta["class_names"]
     columns = ["file", "class_name", "confidence", "members_used"]
-    rows = [[str(path), class_names[int(p)], round(float(c), 6), int(e) + 1]
-            for path, p, c, e in zip(loaded.paths, cat["prediction"], cat["probs"].amax(dim=1),
-                                     cat["exit_stage"], strict=True)]
-    out = run_dir() / "predictions.csv"
+    rows = [
+        [str(path), class_names[int(p)], round(float(c), 6), int(e) + 1]
+        for path, p, c, e in zip(
+            loaded.paths,
+            cat["prediction"],
+            cat["probs"].amax(dim=1),
+            cat["exit_stage"],
+            strict=True,
+        )
+    ]
+    out = run_dir(cfg) / "predictions.csv"
     write_csv(out, columns, rows)
     print(f"{len(rows)} image(s) predicted, {len(loaded.failures)} skipped: {out}")
     return {"predictions": str(out), "predicted": len(rows), "skipped": len(loaded.failures)}
@@ -234,6 +300,9 @@ def print_table(results: dict) -> None:
     print(f"{'mode':<10} {'accuracy':>9} {'members':>8} {'ms/image':>9} {'p90 ms':>8} {'img/s':>9}")
     for mode, r in results.items():
         lat = r.get("latency_ms_per_image")
-        cells = (f"{lat:>9.3f} {r['latency_p90_ms']:>8.3f} {r['throughput_img_s']:>9.1f}"
-                 if lat is not None else f"{'-':>9} {'-':>8} {'-':>9}")
+        cells = (
+            f"{lat:>9.3f} {r['latency_p90_ms']:>8.3f} {r['throughput_img_s']:>9.1f}"
+            if lat is not None
+            else f"{'-':>9} {'-':>8} {'-':>9}"
+        )
         print(f"{mode:<10} {r['accuracy']:>9.4f} {r['avg_members']:>8.3f} {cells}")

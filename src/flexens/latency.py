@@ -25,7 +25,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} asked for but no CUDA GPU is visible; use device=cpu or auto")
+        raise ValueError(
+            f"device={name!r} asked for but no CUDA GPU is visible; use device=cpu or auto"
+        )
     return device
 
 
@@ -47,7 +49,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> np.ndarray:
+def time_calls(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
+) -> np.ndarray:
     """Seconds per call of ``fn`` after ``warmup`` untimed calls, synchronised each time."""
     with torch.inference_mode():
         for _ in range(warmup):
@@ -62,20 +66,30 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repe
     return times
 
 
-def profile_member(network: nn.Module, example: torch.Tensor, batch_size: int,
-                   device: torch.device, warmup: int = 5, repeats: int = 30) -> dict:
+def profile_member(
+    network: nn.Module,
+    example: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    warmup: int = 5,
+    repeats: int = 30,
+) -> dict:
     """Median ms per image at batch size 1 and at the serving batch size."""
     network = network.to(device).eval()
     one = example[:1].to(device)
     batch = example[:1].expand(batch_size, *example.shape[1:]).contiguous().to(device)
     t1 = time_calls(lambda: network(one), device, warmup, repeats)
     tb = time_calls(lambda: network(batch), device, max(1, warmup // 2), max(3, repeats // 3))
-    return {"batch1_ms": float(np.median(t1) * 1e3), "batch1_p90_ms": float(np.quantile(t1, 0.9) * 1e3),
-            "batched_ms_per_image": float(np.median(tb) * 1e3 / batch_size)}
+    return {
+        "batch1_ms": float(np.median(t1) * 1e3),
+        "batch1_p90_ms": float(np.quantile(t1, 0.9) * 1e3),
+        "batched_ms_per_image": float(np.median(tb) * 1e3 / batch_size),
+    }
 
 
-def profile_overhead(criterion: Criterion, num_classes: int, device: torch.device,
-                     repeats: int = 200) -> float:
+def profile_overhead(
+    criterion: Criterion, num_classes: int, device: torch.device, repeats: int = 200
+) -> float:
     """Median ms at batch 1 of one stage's bookkeeping: softmax, running mean, criterion."""
     logits = torch.randn(1, num_classes, device=device)
     prob_sum = torch.zeros(1, num_classes, device=device)
@@ -88,9 +102,15 @@ def profile_overhead(criterion: Criterion, num_classes: int, device: torch.devic
     return float(np.median(time_calls(stage, device, 20, repeats)) * 1e3)
 
 
-def latency_profile(networks: Sequence[nn.Module], member_hashes: Sequence[str],
-                    example: torch.Tensor, batch_size: int, device: torch.device,
-                    criterion: Criterion, num_classes: int) -> dict:
+def latency_profile(
+    networks: Sequence[nn.Module],
+    member_hashes: Sequence[str],
+    example: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    criterion: Criterion,
+    num_classes: int,
+) -> dict:
     with torch.inference_mode():  # first calls pay for allocator and thread-pool start-up
         for net in networks:
             for _ in range(3):
@@ -99,9 +119,14 @@ def latency_profile(networks: Sequence[nn.Module], member_hashes: Sequence[str],
         {"sha256": h, **profile_member(net, example, batch_size, device)}
         for net, h in zip(networks, member_hashes, strict=True)
     ]
-    return {"device": device_name(device), "device_type": device.type, "batch_size": batch_size,
-            "input_shape": list(example.shape[1:]), "members": members,
-            "overhead_ms": profile_overhead(criterion, num_classes, device)}
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "batch_size": batch_size,
+        "input_shape": list(example.shape[1:]),
+        "members": members,
+        "overhead_ms": profile_overhead(criterion, num_classes, device),
+    }
 
 
 def stage_costs_ms(profile: dict) -> np.ndarray:

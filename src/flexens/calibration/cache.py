@@ -20,7 +20,9 @@ from flexens.members.registry import Member
 log = logging.getLogger(__name__)
 
 
-def _compute(member: Member, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _compute(
+    member: Member, loader: DataLoader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     network = member.network.to(device).eval()
     logits, labels = [], []
     with torch.inference_mode():
@@ -30,10 +32,20 @@ def _compute(member: Member, loader: DataLoader, device: torch.device) -> tuple[
     return torch.cat(logits), torch.cat(labels)
 
 
-def member_logits(member: Member, loader: DataLoader, device: torch.device, cache_dir: str | Path,
-                  split_fingerprint: str, transform: str) -> tuple[torch.Tensor, torch.Tensor]:
+def member_logits(
+    member: Member,
+    loader: DataLoader,
+    device: torch.device,
+    cache_dir: str | Path,
+    split_fingerprint: str,
+    transform: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits (S, C), labels (S,))`` of one member on one split, from cache if valid."""
-    key_fields = {"member_sha256": member.sha256, "split": split_fingerprint, "transform": transform}
+    key_fields = {
+        "member_sha256": member.sha256,
+        "split": split_fingerprint,
+        "transform": transform,
+    }
     path = Path(cache_dir) / "logits" / f"{fingerprint(key_fields.values())}.pt"
     if path.exists():
         try:
@@ -54,16 +66,23 @@ def member_logits(member: Member, loader: DataLoader, device: torch.device, cach
     return logits, labels
 
 
-def ensemble_probs(members: list[Member], loader: DataLoader, device: torch.device,
-                   cache_dir: str | Path, split_fingerprint: str, transform: str,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def ensemble_probs(
+    members: list[Member],
+    loader: DataLoader,
+    device: torch.device,
+    cache_dir: str | Path,
+    split_fingerprint: str,
+    transform: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(probs (N, S, C), labels (S,))`` for all members, labels checked to agree."""
     probs, labels = [], None
     for member in members:
         logits, y = member_logits(member, loader, device, cache_dir, split_fingerprint, transform)
         if labels is not None and not torch.equal(labels, y):
-            raise ValueError(f"cached labels of {member.path.name} disagree with the other members; "
-                             f"delete {Path(cache_dir) / 'logits'} and rerun")
+            raise ValueError(
+                f"cached labels of {member.path.name} disagree with the other members; "
+                f"delete {Path(cache_dir) / 'logits'} and rerun"
+            )
         labels = y
         probs.append(logits.softmax(dim=-1))
     return torch.stack(probs), labels

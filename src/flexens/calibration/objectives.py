@@ -75,7 +75,9 @@ class Objective:
             return rel_latency + self.lam * (error - self.error_full) / self.error_scale
         violation = self.violation(latency_ms, error)
         # Ties broken by the other axis, so the search prefers the cheaper/more accurate twin.
-        primary = rel_latency + 1e-9 * error if self.kind == "max_drop" else error + 1e-9 * rel_latency
+        primary = (
+            rel_latency + 1e-9 * error if self.kind == "max_drop" else error + 1e-9 * rel_latency
+        )
         return np.where(violation > 0, INFEASIBLE + violation, primary)
 
     def describe(self) -> str:

@@ -40,8 +40,9 @@ class ParetoCollector:
         keep = non_dominated(lat, err)
         self.thresholds, self.latency_ms, self.error = t[keep], lat[keep], err[keep]
 
-    def add_sweep(self, base: np.ndarray, stage: int, grid: np.ndarray,
-                  latency: np.ndarray, error: np.ndarray) -> None:
+    def add_sweep(
+        self, base: np.ndarray, stage: int, grid: np.ndarray, latency: np.ndarray, error: np.ndarray
+    ) -> None:
         # Cheap pre-filter: only the sweep's own front can join the global one.
         keep = non_dominated(latency, error)
         t = np.repeat(np.asarray(base, dtype=np.float64)[None, :], len(keep), axis=0)
@@ -50,8 +51,11 @@ class ParetoCollector:
 
     def to_list(self) -> list[dict]:
         return [
-            {"thresholds": [float(x) for x in t], "latency_ms": float(lat),
-             "accuracy": float(1.0 - err)}
+            {
+                "thresholds": [float(x) for x in t],
+                "latency_ms": float(lat),
+                "accuracy": float(1.0 - err),
+            }
             for t, lat, err in zip(self.thresholds, self.latency_ms, self.error, strict=True)
         ]
 

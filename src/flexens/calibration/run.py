@@ -40,8 +40,11 @@ THRESHOLDS_FORMAT = "flexens-thresholds-v1"
 
 
 def summary(outcome: Outcome) -> dict:
-    return {"accuracy": outcome.accuracy, "avg_members": outcome.avg_members,
-            "expected_latency_ms": outcome.latency_ms}
+    return {
+        "accuracy": outcome.accuracy,
+        "avg_members": outcome.avg_members,
+        "expected_latency_ms": outcome.latency_ms,
+    }
 
 
 def prepare_ensemble(cfg: DictConfig) -> tuple[list[Member], object]:
@@ -58,8 +61,10 @@ def prepare_ensemble(cfg: DictConfig) -> tuple[list[Member], object]:
                 f"{datamodule.name} gives now; use the same data.* settings or retrain"
             )
         if m.num_classes != datamodule.num_classes:
-            raise ValueError(f"member {m.path.name} has {m.num_classes} classes, the data has "
-                             f"{datamodule.num_classes}; pick the matching data=")
+            raise ValueError(
+                f"member {m.path.name} has {m.num_classes} classes, the data has "
+                f"{datamodule.num_classes}; pick the matching data="
+            )
     return members, datamodule
 
 
@@ -75,12 +80,20 @@ def load_or_measure_profile(cfg: DictConfig, members: list[Member], datamodule, 
         if set(hashes) <= set(by_hash):
             return {**profile, "members": [by_hash[h] for h in hashes], "source": str(path)}
         if given:
-            raise ValueError(f"latency profile {str(path)!r} was measured for other members; "
-                             "measure one for these checkpoints or drop calibrate.latency_profile")
+            raise ValueError(
+                f"latency profile {str(path)!r} was measured for other members; "
+                "measure one for these checkpoints or drop calibrate.latency_profile"
+            )
     example = datamodule.calib_set[0][0].unsqueeze(0)
-    profile = latency_profile([m.network for m in members], hashes, example,
-                              int(cfg.calibrate.profile_batch_size), device,
-                              get_criterion(cfg.calibrate.criterion), members[0].num_classes)
+    profile = latency_profile(
+        [m.network for m in members],
+        hashes,
+        example,
+        int(cfg.calibrate.profile_batch_size),
+        device,
+        get_criterion(cfg.calibrate.criterion),
+        members[0].num_classes,
+    )
     write_json(stored, profile)
     return {**profile, "source": "measured"}
 
@@ -90,12 +103,25 @@ def build_objective(cfg: DictConfig, full: Outcome, num_samples: int) -> Objecti
     budget = float("inf")
     if c.objective == "budget":
         if c.budget_ms is None and c.budget_fraction is None:
-            raise ValueError("calibrate.objective=budget needs calibrate.budget_ms=... or "
-                             "calibrate.budget_fraction=... (of the full ensemble's latency)")
-        budget = float(c.budget_ms) if c.budget_ms is not None else float(c.budget_fraction) * full.latency_ms
-    return Objective(kind=str(c.objective), latency_full_ms=full.latency_ms, error_full=full.error,
-                     num_samples=num_samples, lam=float(c.lam), max_drop=float(c.max_drop),
-                     drop_mode=str(c.drop_mode), budget_ms=budget)
+            raise ValueError(
+                "calibrate.objective=budget needs calibrate.budget_ms=... or "
+                "calibrate.budget_fraction=... (of the full ensemble's latency)"
+            )
+        budget = (
+            float(c.budget_ms)
+            if c.budget_ms is not None
+            else float(c.budget_fraction) * full.latency_ms
+        )
+    return Objective(
+        kind=str(c.objective),
+        latency_full_ms=full.latency_ms,
+        error_full=full.error,
+        num_samples=num_samples,
+        lam=float(c.lam),
+        max_drop=float(c.max_drop),
+        drop_mode=str(c.drop_mode),
+        budget_ms=budget,
+    )
 
 
 def search_thresholds(cfg: DictConfig, table: StageTable, objective: Objective):
@@ -111,16 +137,22 @@ def search_thresholds(cfg: DictConfig, table: StageTable, objective: Objective):
     return result, seconds, grid
 
 
-def lambda_curve(cfg: DictConfig, table: StageTable, full: Outcome, grid: np.ndarray,
-                 pareto: ParetoCollector) -> list[dict]:
+def lambda_curve(
+    cfg: DictConfig, table: StageTable, full: Outcome, grid: np.ndarray, pareto: ParetoCollector
+) -> list[dict]:
     """Flexible execution across :data:`LAMBDA_LADDER` (also widens the Pareto front)."""
     curve = []
     for lam in LAMBDA_LADDER:
         objective = Objective("lambda", full.latency_ms, full.error, table.num_samples, lam=lam)
         search = ThresholdSearch(table, grid, objective, pareto=pareto)
         result = search.per_stage(int(cfg.calibrate.exhaustive_max_evals), 0)
-        curve.append({"lam": lam, "thresholds": result.thresholds.tolist(),
-                      **summary(table.evaluate(result.thresholds))})
+        curve.append(
+            {
+                "lam": lam,
+                "thresholds": result.thresholds.tolist(),
+                **summary(table.evaluate(result.thresholds)),
+            }
+        )
     return curve
 
 
@@ -138,8 +170,15 @@ def check_settings(cfg: DictConfig) -> None:
     c = cfg.calibrate
     get_criterion(c.criterion)
     make_grid(float(c.grid_step))
-    Objective(kind=str(c.objective), latency_full_ms=1.0, error_full=0.0, num_samples=1,
-              lam=float(c.lam), max_drop=float(c.max_drop), drop_mode=str(c.drop_mode))
+    Objective(
+        kind=str(c.objective),
+        latency_full_ms=1.0,
+        error_full=0.0,
+        num_samples=1,
+        lam=float(c.lam),
+        max_drop=float(c.max_drop),
+        drop_mode=str(c.drop_mode),
+    )
     if c.search not in ("shared", "per_stage"):
         raise ValueError(f"unknown calibrate.search {c.search!r}; use shared or per_stage")
 
@@ -154,31 +193,49 @@ def calibrate(cfg: DictConfig) -> dict:
         order = np.argsort([m["batch1_ms"] for m in profile["members"]], kind="stable")
         members = [members[i] for i in order]
         profile = {**profile, "members": [profile["members"][i] for i in order]}
-    probs, labels = ensemble_probs(members, datamodule.calib_dataloader(), device,
-                                   cfg.paths.cache_dir, datamodule.calib_fingerprint(),
-                                   datamodule.eval_transform_description())
+    probs, labels = ensemble_probs(
+        members,
+        datamodule.calib_dataloader(),
+        device,
+        cfg.paths.cache_dir,
+        datamodule.calib_fingerprint(),
+        datamodule.eval_transform_description(),
+    )
     table = StageTable.from_probs(probs, labels, criterion, stage_costs_ms(profile))
     full, oracle = table.full(), table.oracle()
     objective = build_objective(cfg, full, table.num_samples)
 
-    run = run_dir()
+    run = run_dir(cfg)
     logger = build_logger(cfg, run, name=f"{cfg.ensemble.name}-calibrate-{objective.describe()}")
     log_config(logger, cfg)
     if len(members) == 1:
         log.warning("one member: nothing to calibrate; the thresholds mean 'run it'")
-        print("warning: the ensemble has one member, so there is nothing to calibrate; "
-              "thresholds.json says: run it")
+        print(
+            "warning: the ensemble has one member, so there is nothing to calibrate; "
+            "thresholds.json says: run it"
+        )
         thresholds, method, evaluations, seconds, feasible = [], "none", 0, 0.0, True
-        front, curve = [{"thresholds": [], "latency_ms": full.latency_ms, "accuracy": full.accuracy}], []
+        front, curve = (
+            [{"thresholds": [], "latency_ms": full.latency_ms, "accuracy": full.accuracy}],
+            [],
+        )
     else:
         result, seconds, grid = search_thresholds(cfg, table, objective)
-        thresholds, method, evaluations = result.thresholds.tolist(), result.method, result.evaluations
+        thresholds, method, evaluations = (
+            result.thresholds.tolist(),
+            result.method,
+            result.evaluations,
+        )
         chosen = table.evaluate(thresholds)
-        feasible = bool(objective.violation(np.array([chosen.latency_ms]), np.array([chosen.error]))[0] == 0)
+        feasible = bool(
+            objective.violation(np.array([chosen.latency_ms]), np.array([chosen.error]))[0] == 0
+        )
         if not feasible:
-            print(f"warning: no threshold set meets {objective.describe()}; the closest one reaches "
-                  f"{chosen.accuracy:.2%} calibration accuracy at {chosen.latency_ms:.3f} ms "
-                  f"(full ensemble: {full.accuracy:.2%} at {full.latency_ms:.3f} ms)")
+            print(
+                f"warning: no threshold set meets {objective.describe()}; the closest one reaches "
+                f"{chosen.accuracy:.2%} calibration accuracy at {chosen.latency_ms:.3f} ms "
+                f"(full ensemble: {full.accuracy:.2%} at {full.latency_ms:.3f} ms)"
+            )
         curve = lambda_curve(cfg, table, full, grid, result.pareto)
         front = result.pareto.to_list()
     flexible = table.evaluate(thresholds)
@@ -188,14 +245,22 @@ def calibrate(cfg: DictConfig) -> dict:
         "ensemble": str(cfg.ensemble.name),
         "members": [m.describe() for m in members],
         "criterion": str(cfg.calibrate.criterion),
-        "objective": {"kind": objective.kind, "lam": objective.lam, "max_drop": objective.max_drop,
-                      "drop_mode": objective.drop_mode,
-                      "budget_ms": None if np.isinf(objective.budget_ms) else objective.budget_ms,
-                      "feasible": feasible},
+        "objective": {
+            "kind": objective.kind,
+            "lam": objective.lam,
+            "max_drop": objective.max_drop,
+            "drop_mode": objective.drop_mode,
+            "budget_ms": None if np.isinf(objective.budget_ms) else objective.budget_ms,
+            "feasible": feasible,
+        },
         "lam": objective.lam,
         "thresholds": thresholds,
-        "search": {"method": method, "evaluations": evaluations, "grid_step": float(cfg.calibrate.grid_step),
-                   "seconds": round(seconds, 4)},
+        "search": {
+            "method": method,
+            "evaluations": evaluations,
+            "grid_step": float(cfg.calibrate.grid_step),
+            "seconds": round(seconds, 4),
+        },
         "calibration": {
             "num_samples": table.num_samples,
             "calib_fingerprint": datamodule.calib_fingerprint(),
@@ -216,12 +281,25 @@ def calibrate(cfg: DictConfig) -> dict:
         path = published
     print_summary(report, path)
     if logger is not None:
-        logger.log_metrics({f"calib/{mode}/{k}": v for mode in ("flexible", "full", "oracle")
-                            for k, v in report["calibration"][mode].items()})
-        log_table(logger, "thresholds", ["stage", "threshold"],
-                  [[k + 1, t] for k, t in enumerate(thresholds)])
-        log_table(logger, "lambda_curve", ["lam", "accuracy", "avg_members", "expected_latency_ms"],
-                  [[c["lam"], c["accuracy"], c["avg_members"], c["expected_latency_ms"]] for c in curve])
+        logger.log_metrics(
+            {
+                f"calib/{mode}/{k}": v
+                for mode in ("flexible", "full", "oracle")
+                for k, v in report["calibration"][mode].items()
+            }
+        )
+        log_table(
+            logger,
+            "thresholds",
+            ["stage", "threshold"],
+            [[k + 1, t] for k, t in enumerate(thresholds)],
+        )
+        log_table(
+            logger,
+            "lambda_curve",
+            ["lam", "accuracy", "avg_members", "expected_latency_ms"],
+            [[c["lam"], c["accuracy"], c["avg_members"], c["expected_latency_ms"]] for c in curve],
+        )
         log_images(logger, images)
     close_logger(logger)
     return report
@@ -232,29 +310,44 @@ def make_plots(run: Path, table: StageTable, report: dict) -> dict[str, Path]:
     point = lambda s: (s["expected_latency_ms"], s["accuracy"])  # noqa: E731
     images = {
         "confidence_histogram": plots.plot_confidence_histogram(
-            table.confidence[0], table.correct[0], run / "confidence_histogram.png",
-            criterion=report["criterion"]),
+            table.confidence[0],
+            table.correct[0],
+            run / "confidence_histogram.png",
+            criterion=report["criterion"],
+        ),
         "accuracy_vs_latency": plots.plot_accuracy_vs_latency(
-            run / "accuracy_vs_latency.png", full=[point(p) for p in cal["prefix"]],
-            flexible={report["criterion"]: [(*point(c), f"λ={c['lam']:g}") for c in cal["lambda_curve"]]},
-            oracle=point(cal["oracle"])),
+            run / "accuracy_vs_latency.png",
+            full=[point(p) for p in cal["prefix"]],
+            flexible={
+                report["criterion"]: [(*point(c), f"λ={c['lam']:g}") for c in cal["lambda_curve"]]
+            },
+            oracle=point(cal["oracle"]),
+        ),
     }
     front = report["pareto_front"]
     images["pareto_front"] = plots.plot_pareto_front(
-        run / "pareto_front.png", np.array([p["latency_ms"] for p in front]),
-        np.array([p["accuracy"] for p in front]), chosen=point(cal["flexible"]),
-        full=point(cal["full"]), oracle=point(cal["oracle"]))
+        run / "pareto_front.png",
+        np.array([p["latency_ms"] for p in front]),
+        np.array([p["accuracy"] for p in front]),
+        chosen=point(cal["flexible"]),
+        full=point(cal["full"]),
+        oracle=point(cal["oracle"]),
+    )
     return images
 
 
 def print_summary(report: dict, path: Path) -> None:
     cal = report["calibration"]
-    print(f"criterion {report['criterion']}, objective {report['objective']['kind']}, "
-          f"search {report['search']['method']} ({report['search']['evaluations']} evaluations, "
-          f"{report['search']['seconds']:.3f} s)")
+    print(
+        f"criterion {report['criterion']}, objective {report['objective']['kind']}, "
+        f"search {report['search']['method']} ({report['search']['evaluations']} evaluations, "
+        f"{report['search']['seconds']:.3f} s)"
+    )
     print("thresholds: " + ", ".join(f"{t:.2f}" for t in report["thresholds"]))
     print(f"{'calibration split':<12} {'accuracy':>9} {'members':>8} {'latency ms':>11}")
     for mode in ("flexible", "full", "oracle"):
         s = cal[mode]
-        print(f"{mode:<12} {s['accuracy']:>9.4f} {s['avg_members']:>8.3f} {s['expected_latency_ms']:>11.3f}")
+        print(
+            f"{mode:<12} {s['accuracy']:>9.4f} {s['avg_members']:>8.3f} {s['expected_latency_ms']:>11.3f}"
+        )
     print(f"thresholds: {path}")

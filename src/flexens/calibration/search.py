@@ -53,8 +53,13 @@ class SearchResult:
 class ThresholdSearch:
     """Grid search of ``T_1..T_{N-1}`` on one :class:`StageTable` for one objective."""
 
-    def __init__(self, table: StageTable, grid: np.ndarray, objective: Objective,
-                 pareto: ParetoCollector | None = None) -> None:
+    def __init__(
+        self,
+        table: StageTable,
+        grid: np.ndarray,
+        objective: Objective,
+        pareto: ParetoCollector | None = None,
+    ) -> None:
         if table.num_members < 2:
             raise ValueError("threshold search needs at least two members")
         self.table = table
@@ -162,7 +167,9 @@ class ThresholdSearch:
             return self.exhaustive()
         shared = self.shared()
         rng = np.random.default_rng(seed)
-        starts = [shared.thresholds, np.ones(d)] + [rng.choice(self.grid, d) for _ in range(restarts)]
+        starts = [shared.thresholds, np.ones(d)] + [
+            rng.choice(self.grid, d) for _ in range(restarts)
+        ]
         result = self.coordinate_descent(starts)
         if shared.score < result.score:
             return self._result(shared.thresholds, shared.score, "coordinate_descent")
@@ -173,5 +180,6 @@ class ThresholdSearch:
         return self.grid[idx].astype(np.float64)
 
     def _result(self, thresholds: np.ndarray, score: float, method: str) -> SearchResult:
-        return SearchResult(np.asarray(thresholds, dtype=np.float64), score, method,
-                            self.evaluations, self.pareto)
+        return SearchResult(
+            np.asarray(thresholds, dtype=np.float64), score, method, self.evaluations, self.pareto
+        )

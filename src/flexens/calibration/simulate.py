@@ -45,7 +45,10 @@ class StageTable:
 
     @classmethod
     def from_probs(
-        cls, member_probs: torch.Tensor, labels: torch.Tensor, criterion: Criterion,
+        cls,
+        member_probs: torch.Tensor,
+        labels: torch.Tensor,
+        criterion: Criterion,
         stage_cost_ms: np.ndarray,
     ) -> StageTable:
         confidence, predictions = stage_outputs(member_probs, criterion)

@@ -43,9 +43,17 @@ class EnsembleDataModule(L.LightningDataModule):
 
     name: str = "data"
 
-    def __init__(self, name: str | None = None, batch_size: int = 128, eval_batch_size: int = 256, num_workers: int = 0,
-                 calib_fraction: float = 0.1, split_seed: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False) -> None:
+    def __init__(
+        self,
+        name: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        calib_fraction: float = 0.1,
+        split_seed: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ) -> None:
         super().__init__()
         if name is not None:
             self.name = name
@@ -115,14 +123,19 @@ class EnsembleDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
             drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(Subset(self.train_augmented, self.train_indices.tolist()),
-                            self.batch_size, shuffle=True)
+        return self._loader(
+            Subset(self.train_augmented, self.train_indices.tolist()), self.batch_size, shuffle=True
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.calib_dataloader()

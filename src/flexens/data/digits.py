@@ -26,7 +26,9 @@ class DigitsDataModule(EnsembleDataModule):
         images = (images - 0.5) / 0.5
         targets = torch.from_numpy(bunch.target.astype(np.int64))
         train_idx, test_idx = train_test_split(
-            np.arange(len(targets)), test_size=TEST_FRACTION, random_state=TEST_SPLIT_SEED,
+            np.arange(len(targets)),
+            test_size=TEST_FRACTION,
+            random_state=TEST_SPLIT_SEED,
             stratify=bunch.target,
         )
         train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
@@ -53,11 +55,16 @@ class DigitsDataModule(EnsembleDataModule):
 
     def image_transform(self) -> v2.Compose:
         """An image file → the digits format: 8×8 grey, ink high (sklearn digits are ink=16)."""
-        return v2.Compose([
-            v2.ToImage(), v2.Resize(8, antialias=True), v2.CenterCrop(8),
-            v2.ToDtype(torch.float32, scale=True), v2.Lambda(lambda x: 1.0 - x),
-            v2.Normalize([0.5], [0.5]),
-        ])
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(8, antialias=True),
+                v2.CenterCrop(8),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Lambda(lambda x: 1.0 - x),
+                v2.Normalize([0.5], [0.5]),
+            ]
+        )
 
     def eval_transform_description(self) -> str:
         return "digits: x/16, normalise(0.5, 0.5)"

@@ -36,7 +36,9 @@ def check_image_tree(root: Path, split: str) -> Path:
         )
     classes = sorted(p for p in folder.iterdir() if p.is_dir())
     if not classes:
-        raise FileNotFoundError(f"no class folders in {str(folder)!r}; expected {split}/<class>/<image>")
+        raise FileNotFoundError(
+            f"no class folders in {str(folder)!r}; expected {split}/<class>/<image>"
+        )
     for c in classes:
         if not any(f.is_file() for f in c.iterdir()):
             raise FileNotFoundError(
@@ -66,9 +68,18 @@ class ImageFolderDataModule(EnsembleDataModule):
     for evaluation).
     """
 
-    def __init__(self, root: str, name: str = "imagefolder", train_split: str = "train",
-                 test_split: str = "val", preset: str = "imagenet", image_size: int = 224,
-                 cache_decoded: bool = False, cache_dir: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        root: str,
+        name: str = "imagefolder",
+        train_split: str = "train",
+        test_split: str = "val",
+        preset: str = "imagenet",
+        image_size: int = 224,
+        cache_decoded: bool = False,
+        cache_dir: str | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(name=name, **kwargs)
         if preset not in ("cifar", "imagenet"):
             raise ValueError(f"unknown data.preset {preset!r}; use cifar or imagenet")
@@ -90,7 +101,10 @@ class ImageFolderDataModule(EnsembleDataModule):
         if self.preset == "cifar":
             head = [v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip()]
         else:
-            head = [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip()]
+            head = [
+                v2.RandomResizedCrop(self.image_size, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
         return v2.Compose([v2.ToImage(), *head, *self._tensor_tail()])
 
     def eval_transform(self) -> v2.Compose:
@@ -119,9 +133,16 @@ class ImageFolderDataModule(EnsembleDataModule):
         path = (self.cache_dir or self.root) / "decoded" / f"{self.name}-{split}-{key}.pt"
         if path.exists():
             return torch.load(path)
-        to_tensor = v2.Compose([v2.ToImage(), v2.Resize(self.image_size, antialias=True),
-                                v2.CenterCrop(self.image_size)])
-        images = torch.stack([to_tensor(folder.loader(p).convert("RGB")) for p, _ in folder.samples])
+        to_tensor = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(self.image_size, antialias=True),
+                v2.CenterCrop(self.image_size),
+            ]
+        )
+        images = torch.stack(
+            [to_tensor(folder.loader(p).convert("RGB")) for p, _ in folder.samples]
+        )
         torch_save(path, images)
         return images
 
@@ -150,7 +171,9 @@ class ImageFolderDataModule(EnsembleDataModule):
                 DecodedImages(train_images, self._targets, self._decoded_transform(False)),
                 DecodedImages(test_images, list(test.targets), self._decoded_transform(False)),
             )
-        plain = datasets.ImageFolder(str(self.root / self.train_split), transform=self.eval_transform())
+        plain = datasets.ImageFolder(
+            str(self.root / self.train_split), transform=self.eval_transform()
+        )
         train.transform = self.train_transform()
         test.transform = self.eval_transform()
         return train, plain, test
@@ -159,8 +182,10 @@ class ImageFolderDataModule(EnsembleDataModule):
         if augment and self.preset == "cifar":
             head = [v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip()]
         elif augment:
-            head = [v2.RandomResizedCrop(self.image_size, scale=(0.35, 1), antialias=True),
-                    v2.RandomHorizontalFlip()]
+            head = [
+                v2.RandomResizedCrop(self.image_size, scale=(0.35, 1), antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
         else:
             head = []
         return v2.Compose([*head, *self._tensor_tail()])

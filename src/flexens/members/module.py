@@ -19,9 +19,15 @@ class MemberModule(L.LightningModule):
     over the whole run, which Lightning tells us via ``estimated_stepping_batches``.
     """
 
-    def __init__(self, arch: dict, optimizer: Callable, scheduler: str = "onecycle",
-                 label_smoothing: float = 0.0, channels_last: bool = False,
-                 compile: bool = False) -> None:
+    def __init__(
+        self,
+        arch: dict,
+        optimizer: Callable,
+        scheduler: str = "onecycle",
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.arch = dict(arch)
@@ -63,8 +69,9 @@ class MemberModule(L.LightningModule):
         steps = int(self.trainer.estimated_stepping_batches)
         if name == "onecycle":
             lr = optimizer.param_groups[0]["lr"]
-            sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
-                                                        pct_start=0.25)
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=lr, total_steps=steps, pct_start=0.25
+            )
         elif name == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         else:

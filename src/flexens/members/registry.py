@@ -27,8 +27,12 @@ def member_path(members_dir: str | Path, seed: int) -> Path:
 
 def save_member(path: str | Path, network: nn.Module, arch: dict, meta: dict) -> Path:
     path = Path(path)
-    payload = {"format": FORMAT, "arch": arch, "meta": meta,
-               "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}}
+    payload = {
+        "format": FORMAT,
+        "arch": arch,
+        "meta": meta,
+        "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+    }
     torch_save(path, payload)
     write_json(path.with_suffix(".json"), {"arch": arch, **meta, "sha256": file_sha256(path)})
     return path
@@ -48,14 +52,20 @@ class Member:
         return int(self.meta["num_classes"])
 
     def describe(self) -> dict:
-        return {"seed": self.seed, "path": str(self.path), "sha256": self.sha256,
-                "arch": self.arch.get("arch")}
+        return {
+            "seed": self.seed,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "arch": self.arch.get("arch"),
+        }
 
 
 def load_member(path: str | Path) -> Member:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"member checkpoint {str(path)!r} does not exist; train it with train.py")
+        raise FileNotFoundError(
+            f"member checkpoint {str(path)!r} does not exist; train it with train.py"
+        )
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a flexens member file; train members with train.py")
@@ -74,8 +84,11 @@ def find_member_paths(members_dir: str | Path, order: list | None = None) -> lis
     if order:
         paths = [Path(o) if not isinstance(o, int) else member_path(members_dir, o) for o in order]
     else:
-        found = [(int(m.group(1)), p) for p in members_dir.glob("seed=*.ckpt")
-                 if (m := _SEED_FILE.match(p.name))]
+        found = [
+            (int(m.group(1)), p)
+            for p in members_dir.glob("seed=*.ckpt")
+            if (m := _SEED_FILE.match(p.name))
+        ]
         paths = [p for _, p in sorted(found)]
     if not paths:
         raise FileNotFoundError(

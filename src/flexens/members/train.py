@@ -24,18 +24,30 @@ log = logging.getLogger(__name__)
 def member_arch(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
     """The architecture spec stored with the member, enough to rebuild it anywhere."""
     kwargs = OmegaConf.to_container(cfg.model.get("kwargs") or {}, resolve=True)
-    return {"arch": str(cfg.model.arch), "num_classes": num_classes, "in_chans": in_chans,
-            "pretrained": cfg.model.get("pretrained"), **kwargs}
+    return {
+        "arch": str(cfg.model.arch),
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "pretrained": cfg.model.get("pretrained"),
+        **kwargs,
+    }
 
 
 def training_recipe(cfg: DictConfig) -> dict:
     """What determines a member besides its seed: a rerun with another recipe retrains."""
     full = OmegaConf.to_container(cfg, resolve=True)
     recipe = {k: full[k] for k in ("model", "train", "trainer")}
-    for section, key in (("train", "progress_bar"), ("train", "force"), ("trainer", "default_root_dir")):
+    for section, key in (
+        ("train", "progress_bar"),
+        ("train", "force"),
+        ("trainer", "default_root_dir"),
+    ):
         recipe[section].pop(key, None)
-    recipe["data"] = {k: v for k, v in full["data"].items()
-                      if k not in ("root", "cache_dir", "num_workers", "eval_batch_size")}
+    recipe["data"] = {
+        k: v
+        for k, v in full["data"].items()
+        if k not in ("root", "cache_dir", "num_workers", "eval_batch_size")
+    }
     return recipe
 
 
@@ -65,8 +77,11 @@ def train_member(cfg: DictConfig) -> Path:
     datamodule.setup()
     arch = member_arch(cfg, datamodule.num_classes, datamodule.in_chans)
     module = MemberModule(
-        arch=arch, optimizer=instantiate(cfg.train.optimizer), scheduler=cfg.train.scheduler,
-        label_smoothing=cfg.train.label_smoothing, channels_last=cfg.train.channels_last,
+        arch=arch,
+        optimizer=instantiate(cfg.train.optimizer),
+        scheduler=cfg.train.scheduler,
+        label_smoothing=cfg.train.label_smoothing,
+        channels_last=cfg.train.channels_last,
         compile=cfg.train.compile,
     )
     recipe = training_recipe(cfg)
@@ -75,10 +90,14 @@ def train_member(cfg: DictConfig) -> Path:
     callbacks = [ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=1, monitor=None)]
     if cfg.train.progress_bar:
         callbacks.append(RichProgressBar())
-    logger = build_logger(cfg, run_dir(), name=f"{cfg.ensemble.name}-seed{seed}")
+    logger = build_logger(cfg, run_dir(cfg), name=f"{cfg.ensemble.name}-seed{seed}")
     log_config(logger, cfg)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False,
-                          enable_progress_bar=bool(cfg.train.progress_bar))
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=logger or False,
+        enable_progress_bar=bool(cfg.train.progress_bar),
+    )
     start = time.perf_counter()
     with ddp_member_scope(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
@@ -99,6 +118,8 @@ def train_member(cfg: DictConfig) -> Path:
         }
         save_member(out, module.net, arch, meta)
         shutil.rmtree(work_dir, ignore_errors=True)
-        print(f"member: {out} (calibration-split accuracy {meta['val_acc']:.4f}, {train_time:.1f} s)")
+        print(
+            f"member: {out} (calibration-split accuracy {meta['val_acc']:.4f}, {train_time:.1f} s)"
+        )
     close_logger(logger)
     return out

@@ -16,9 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 
-def run_dir() -> Path:
-    """This job's Hydra output folder (the working directory outside Hydra)."""
-    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+def run_dir(cfg: DictConfig) -> Path:
+    """This job's output folder: ``paths.run_dir`` if set, else Hydra's, else the cwd."""
+    if cfg.paths.get("run_dir"):
+        path = Path(cfg.paths.run_dir)
+    elif HydraConfig.initialized():
+        path = Path(HydraConfig.get().runtime.output_dir)
+    else:
+        path = Path.cwd()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def run_group(cfg: DictConfig) -> str:
@@ -38,8 +45,9 @@ def build_logger(cfg: DictConfig, run_dir: str | Path, name: str) -> Logger | No
         os.environ.setdefault("WANDB_SILENT", "true")
         if logger_cfg.get("offline", True):
             os.environ["WANDB_MODE"] = "offline"
-        logger_cfg.update(save_dir=str(run_dir), group=run_group(cfg), name=name,
-                          job_type=str(cfg.task_name))
+        logger_cfg.update(
+            save_dir=str(run_dir), group=run_group(cfg), name=name, job_type=str(cfg.task_name)
+        )
     else:
         logger_cfg.update(save_dir=str(run_dir), name=name)
     return instantiate(logger_cfg)

@@ -1,0 +1,471 @@
+"""Flexible vs full vs oracle vs other criteria on real CIFAR-10: the BENCHMARKS.md table.
+
+    python benchmarks/cifar10.py                # trains missing members, then measures
+    python benchmarks/cifar10.py --quick        # CI-sized: digits, 3 tiny members, tmp dir
+
+Members come from ``train.py -m experiment=cifar10 seed=0..K-1`` (finished ones are
+skipped, so a rerun only measures). Thresholds come from ``calibrate()`` on the held-out
+calibration split only; everything is then scored on the test split. Accuracy of flexible
+execution is the module's own output over the whole test split, timed at the serving batch
+size; batch-1 latency is timed image by image on the first ``--latency-images`` test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
+
+from flexens.artifacts import fingerprint, write_json, write_text  # noqa: E402
+from flexens.calibration.cache import ensemble_probs  # noqa: E402
+from flexens.calibration.run import calibrate  # noqa: E402
+from flexens.calibration.simulate import StageTable  # noqa: E402
+from flexens.ensemble import FlexibleEnsembleModule  # noqa: E402
+from flexens.halting import get_criterion  # noqa: E402
+from flexens.inference import measure_latency  # noqa: E402
+from flexens.latency import device_name, resolve_device, stage_costs_ms  # noqa: E402
+from flexens.members.module import MemberModule  # noqa: E402
+from flexens.members.registry import load_ensemble  # noqa: E402
+from flexens.members.train import member_arch  # noqa: E402
+from flexens.reporting.plots import plot_accuracy_vs_latency  # noqa: E402
+
+CRITERIA = ("margin", "max_prob", "entropy")
+LAMBDAS = {"quality": 100.0, "default": 10.0, "speed": 1.0}
+MAX_DROP = 0.003
+
+
+def compose_cfg(config: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=config, overrides=overrides)
+
+
+def train_members(args, base: list[str]) -> float:
+    seeds = ",".join(str(s) for s in range(args.members))
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            f"seed={seeds}",
+            *base,
+            "train.progress_bar=false",
+            "logger=csv",
+            *args.train_overrides,
+        ],
+        cwd=ROOT,
+        check=True,
+    )
+    return time.perf_counter() - start
+
+
+def test_probs(cfg, members, datamodule, device):
+    split = fingerprint(["test", datamodule.data_fingerprint()])
+    return ensemble_probs(
+        members,
+        datamodule.test_dataloader(),
+        device,
+        cfg.paths.cache_dir,
+        split,
+        datamodule.eval_transform_description(),
+    )
+
+
+def timed(module, singles, stream, args, device) -> dict:
+    return measure_latency(module, singles, stream, args.batch_size, device, warmup=10)
+
+
+def row(name, accuracy, avg_members, expected_ms, timing, full_ref) -> dict:
+    return {
+        "name": name,
+        "top1": accuracy,
+        "delta_pp": (accuracy - full_ref["top1"]) * 100,
+        "avg_members": avg_members,
+        "expected_ms": expected_ms,
+        "latency_ms": timing["latency_ms_per_image"] if timing else None,
+        "throughput": timing["throughput_img_s"] if timing else None,
+    }
+
+
+def lightning_vs_plain(cfg: DictConfig, batches: int) -> dict:
+    """Training images/s of Trainer.fit vs a hand-written loop: same model, data, batch."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    arch = member_arch(cfg, datamodule.num_classes, datamodule.in_chans)
+
+    def fresh():
+        L.seed_everything(0)
+        return MemberModule(arch, optimizer=instantiate(cfg.train.optimizer), scheduler="none")
+
+    module = fresh()
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    lightning_s = time.perf_counter() - start
+
+    module = fresh()
+    optimizer = module.optimizer_factory(params=module.parameters())
+    module.train()
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(datamodule.train_dataloader()):
+        if i == batches:
+            break
+        loss = F.cross_entropy(module.net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    plain_s = time.perf_counter() - start
+    images = batches * datamodule.batch_size
+    return {
+        "batches": batches,
+        "batch_size": datamodule.batch_size,
+        "lightning_img_s": images / lightning_s,
+        "plain_img_s": images / plain_s,
+        "ratio": plain_s / lightning_s,
+    }
+
+
+def full_vs_loop(members, singles, stream, args, device) -> dict:
+    """``full`` mode vs a plain loop over the members, interleaved to share machine noise."""
+    module = FlexibleEnsembleModule(members, mode="full").to(device)
+
+    def loop(x):
+        probs = members[0](x).softmax(-1)
+        for m in members[1:]:
+            probs = probs + m(x).softmax(-1)
+        return probs / len(members)
+
+    out = {}
+    for name, data in (
+        ("batch1", [singles[i : i + 1] for i in range(len(singles))]),
+        ("batch", list(stream.split(args.batch_size))),
+    ):
+        times = {"module": [], "loop": []}
+        with torch.inference_mode():
+            loop(data[0]), module(data[0])
+            for _ in range(3):
+                for key, fn in (("loop", loop), ("module", module)):
+                    start = time.perf_counter()
+                    for x in data:
+                        fn(x)
+                    times[key].append(time.perf_counter() - start)
+        out[name] = float(np.median(times["module"]) / np.median(times["loop"]))
+    return out
+
+
+def run(args) -> dict:
+    if args.quick:
+        base = ["data=digits", f"paths.output_dir={args.output_dir}", "model.kwargs.width=8"]
+        args.train_overrides = ["trainer.max_epochs=2", *args.train_overrides]
+    else:
+        base = [f"experiment={args.experiment}"]
+        if args.output_dir:
+            base.append(f"paths.output_dir={args.output_dir}")
+    train_s = train_members(args, base)
+    torch.set_num_threads(args.threads)
+    device = resolve_device("cpu")
+    results_dir = Path(args.results)
+    cfg = compose_cfg("calibrate", [*base, "~logger", f"paths.run_dir={results_dir / 'runs'}"])
+    members = load_ensemble(cfg.paths.members_dir)
+    networks = [m.network.to(device).eval() for m in members]
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    probs, labels = test_probs(cfg, members, datamodule, device)
+    test = datamodule.test_set
+    singles = torch.stack([test[i][0] for i in range(min(args.latency_images, len(test)))])
+    stream = torch.stack([test[i][0] for i in range(len(test))])
+    labels_np = labels.numpy()
+
+    # calibrations: criteria × λ, and the max-drop operating point
+    calibrations = {}
+    first = True
+    for criterion in CRITERIA:
+        for tag, lam in LAMBDAS.items():
+            calibrations[(criterion, f"λ={lam:g} ({tag})")] = calibrate(
+                compose_cfg(
+                    "calibrate",
+                    [
+                        *base,
+                        "~logger",
+                        f"paths.run_dir={results_dir / 'runs' / criterion / tag}",
+                        f"calibrate.criterion={criterion}",
+                        f"calibrate.lam={lam}",
+                        f"calibrate.reprofile={first}",
+                        f"calibrate.output={results_dir / 'runs' / criterion / tag / 'thresholds.json'}",
+                    ],
+                )
+            )
+            first = False
+    calibrations[("margin", f"max_drop {MAX_DROP * 100:g} pp")] = calibrate(
+        compose_cfg(
+            "calibrate",
+            [
+                *base,
+                "~logger",
+                f"paths.run_dir={results_dir / 'runs' / 'max_drop'}",
+                "calibrate.objective=max_drop",
+                f"calibrate.max_drop={MAX_DROP}",
+                f"calibrate.output={results_dir / 'runs' / 'max_drop' / 'thresholds.json'}",
+            ],
+        )
+    )
+    profile = next(iter(calibrations.values()))["latency_profile"]
+    costs = stage_costs_ms(profile)
+
+    rows = []
+    module = FlexibleEnsembleModule(networks, mode="full").to(device)
+    full_timing = timed(module, singles, stream, args, device)
+    full_top1 = float((full_timing["stream_outputs"]["prediction"].numpy() == labels_np).mean())
+    full_ref = {"top1": full_top1}
+    for i, m in enumerate(members):
+        single = FlexibleEnsembleModule([networks[i]], mode="full")
+        timing = timed(single, singles, stream, args, device)
+        acc = float((timing["stream_outputs"]["prediction"].numpy() == labels_np).mean())
+        rows.append(row(f"member seed={m.seed}", acc, 1, costs[i], timing, full_ref))
+    for k in range(1, len(members) + 1):
+        module.set_mode("first_k", k) if k < len(members) else module.set_mode("full")
+        timing = full_timing if k == len(members) else timed(module, singles, stream, args, device)
+        acc = float((timing["stream_outputs"]["prediction"].numpy() == labels_np).mean())
+        rows.append(row(f"full ensemble k={k}", acc, k, float(costs[:k].sum()), timing, full_ref))
+
+    flexible_points: dict[str, list] = {c: [] for c in CRITERIA}
+    checks = {}
+    for (criterion, label), report in calibrations.items():
+        module = FlexibleEnsembleModule(networks, report["thresholds"], criterion).to(device)
+        timing = timed(module, singles, stream, args, device)
+        out = timing["stream_outputs"]
+        acc = float((out["prediction"].numpy() == labels_np).mean())
+        exits = out["exit_stage"].numpy()
+        table = StageTable.from_probs(probs, labels, get_criterion(criterion), costs)
+        simulated = table.evaluate(report["thresholds"])
+        r = row(
+            f"flexible {criterion} {label}",
+            acc,
+            float((exits + 1).mean()),
+            simulated.latency_ms,
+            timing,
+            full_ref,
+        )
+        r["simulated_top1"] = simulated.accuracy
+        reach = np.array([(exits >= k).sum() for k in range(len(members))])
+        batched = np.array([m["batched_ms_per_image"] for m in profile["members"]])
+        r["predicted_gain"] = float(len(exits) * batched.sum() / (reach * batched).sum())
+        r["measured_gain"] = r["throughput"] / full_timing["throughput_img_s"]
+        r["calibration"] = report["calibration"]["flexible"]
+        r["thresholds"] = report["thresholds"]
+        rows.append(r)
+        if "λ" in label:
+            flexible_points[criterion].append((r["latency_ms"], acc, label.split(" ")[0]))
+        if "max_drop" in label:
+            checks["max_drop"] = r
+    oracle_table = StageTable.from_probs(probs, labels, get_criterion("margin"), costs)
+    oracle = oracle_table.oracle()
+    rows.append(
+        row("oracle", oracle.accuracy, oracle.avg_members, oracle.latency_ms, None, full_ref)
+    )
+
+    plot = results_dir / "cifar10_accuracy_vs_latency.png"
+    plot_accuracy_vs_latency(
+        plot,
+        full=[(r["latency_ms"], r["top1"]) for r in rows if r["name"].startswith("full")],
+        flexible=flexible_points,
+        oracle=None,
+        latency_label="measured latency, batch 1 (ms / image)",
+    )
+    overheads = {
+        "full_vs_loop": full_vs_loop(networks, singles, stream, args, device),
+        "training": lightning_vs_plain(
+            compose_cfg("train", [*base, *args.train_overrides]), args.train_batches
+        ),
+        "search_seconds": {
+            f"{c} {lab}": rep["search"]["seconds"] for (c, lab), rep in calibrations.items()
+        },
+    }
+    return {
+        "machine": {
+            "cpu": device_name(device),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        },
+        "members": [
+            {
+                "seed": m.seed,
+                "train_time_s": m.meta.get("train_time_s"),
+                "epochs": m.meta.get("epochs", 0) + 1,
+                "recipe": m.meta.get("recipe", {}).get("trainer"),
+            }
+            for m in members
+        ],
+        "train_command_s": train_s,
+        "test_samples": len(test),
+        "latency_images": len(singles),
+        "batch_size": args.batch_size,
+        "latency_profile": profile,
+        "rows": rows,
+        "checks": checks,
+        "overheads": overheads,
+        "plot": str(plot),
+        "oracle": {"avg_members": oracle.avg_members, "latency_ms": oracle.latency_ms},
+    }
+
+
+def markdown(result: dict, command: str, elapsed_s: float) -> str:
+    m = result["machine"]
+    full = next(
+        r for r in result["rows"] if r["name"] == f"full ensemble k={len(result['members'])}"
+    )
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}; "
+        f"{m['date']}. Command: `{command}` ({elapsed_s / 60:.1f} min this run, "
+        f"training command {result['train_command_s'] / 60:.1f} min of it).",
+        "",
+        f"Test split: {result['test_samples']} images. Latency: median ms per image at batch size 1 "
+        f"over the first {result['latency_images']} test images; throughput: all test images at "
+        f"batch size {result['batch_size']}. Expected latency: the calibration's model "
+        "(per-member batch-1 profile × exit stages on the test split).",
+        "",
+        "| configuration | top-1 % | Δ top-1 vs full (pp) | avg members | expected ms | measured ms (b=1) "
+        f"| img/s (b={result['batch_size']}) | speed-up (b=1) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lat = f"{r['latency_ms']:.3f}" if r["latency_ms"] else "–"
+        thr = f"{r['throughput']:.0f}" if r["throughput"] else "–"
+        speed = f"{full['latency_ms'] / r['latency_ms']:.2f}×" if r["latency_ms"] else "–"
+        lines.append(
+            f"| {r['name']} | {r['top1'] * 100:.2f} | {r['delta_pp']:+.2f} | {r['avg_members']:.3f} "
+            f"| {r['expected_ms']:.3f} | {lat} | {thr} | {speed} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def targets(result: dict) -> str:
+    """The issue's targets, each with its measured figure and PASS/MISS."""
+    rows = {r["name"]: r for r in result["rows"]}
+    full = rows[f"full ensemble k={len(result['members'])}"]
+    point = result["checks"]["max_drop"]
+    speedup = full["latency_ms"] / point["latency_ms"]
+    gain_ratio = point["measured_gain"] / point["predicted_gain"]
+    over = result["overheads"]
+    checks = [
+        (
+            "max_drop point: top-1 within 0.5 pp of the full ensemble",
+            point["delta_pp"] >= -0.5,
+            f"{point['delta_pp']:+.2f} pp",
+        ),
+        (
+            "max_drop point: ≥ 2.5× lower measured batch-1 latency",
+            speedup >= 2.5,
+            f"{speedup:.2f}×",
+        ),
+        (
+            "max_drop point: average members ≤ 1.5× the oracle's",
+            point["avg_members"] <= 1.5 * result["oracle"]["avg_members"],
+            f"{point['avg_members']:.3f} vs oracle {result['oracle']['avg_members']:.3f} "
+            f"({point['avg_members'] / result['oracle']['avg_members']:.2f}×)",
+        ),
+        (
+            f"flexible throughput gain at batch {result['batch_size']} within 15 % of predicted",
+            abs(gain_ratio - 1) <= 0.15,
+            f"measured {point['measured_gain']:.2f}× vs predicted {point['predicted_gain']:.2f}× "
+            f"(ratio {gain_ratio:.2f})",
+        ),
+        (
+            "`full` mode vs plain loop ≤ 1.03× (batch 1)",
+            over["full_vs_loop"]["batch1"] <= 1.03,
+            f"{over['full_vs_loop']['batch1']:.3f}×",
+        ),
+        (
+            f"`full` mode vs plain loop ≤ 1.03× (batch {result['batch_size']})",
+            over["full_vs_loop"]["batch"] <= 1.03,
+            f"{over['full_vs_loop']['batch']:.3f}×",
+        ),
+        (
+            "Lightning training throughput ≥ 0.9× a plain loop",
+            over["training"]["ratio"] >= 0.9,
+            f"{over['training']['ratio']:.3f}× ({over['training']['lightning_img_s']:.0f} vs "
+            f"{over['training']['plain_img_s']:.0f} img/s)",
+        ),
+    ]
+    lines = ["| target | result | measured |", "|---|---|---|"]
+    lines += [f"| {name} | {'PASS' if ok else 'MISS'} | {figure} |" for name, ok, figure in checks]
+    search = max(over["search_seconds"].values())
+    lines += ["", f"Threshold search time (slowest of the calibrations above): {search:.3f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def update_benchmarks_md(path: Path, section: str) -> None:
+    """Replace the generated CIFAR-10 section of BENCHMARKS.md, keeping the rest."""
+    begin, end = "<!-- cifar10:begin -->", "<!-- cifar10:end -->"
+    text = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    write_text(path, f"{head}{begin}\n{section}{end}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--members", type=int, default=5)
+    parser.add_argument("--experiment", default="cifar10")
+    parser.add_argument("--output-dir", default=None, help="paths.output_dir (default: outputs/)")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--latency-images", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--train-batches", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="digits, 3 tiny members, temp folder")
+    parser.add_argument("train_overrides", nargs="*", help="extra train.py overrides")
+    args = parser.parse_args()
+    if args.quick:
+        args.members = 3
+        args.output_dir = args.output_dir or tempfile.mkdtemp(prefix="flexens-bench-")
+        if args.results == parser.get_default("results"):
+            args.results = str(Path(args.output_dir) / "results")
+        args.latency_images, args.train_batches = 20, 3
+    start = time.perf_counter()
+    result = run(args)
+    elapsed = time.perf_counter() - start
+    results = Path(args.results)
+    write_json(results / "cifar10.json", result)
+    command = "python benchmarks/cifar10.py" + (" --quick" if args.quick else "")
+    section = markdown(result, command, elapsed) + "\n" + targets(result)
+    write_text(results / "cifar10_table.md", section)
+    if not args.quick:
+        update_benchmarks_md(ROOT / "BENCHMARKS.md", section)
+    print(section)
+    print(f"results: {results / 'cifar10.json'}")
+
+
+if __name__ == "__main__":
+    main()

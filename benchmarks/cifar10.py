@@ -32,6 +32,9 @@ from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import overhead  # noqa: E402
 
 from flexens.artifacts import fingerprint, write_json, write_text  # noqa: E402
 from flexens.calibration.cache import ensemble_probs  # noqa: E402
@@ -104,7 +107,21 @@ def row(name, accuracy, avg_members, expected_ms, timing, full_ref) -> dict:
     }
 
 
-def lightning_vs_plain(cfg: DictConfig, batches: int) -> dict:
+class SteadyClock(L.Callback):
+    """Time training batches ``warmup..`` only: start-up is not throughput."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.end = time.perf_counter()
+
+
+def lightning_vs_plain(cfg: DictConfig, batches: int, warmup: int = 5) -> dict:
     """Training images/s of Trainer.fit vs a hand-written loop: same model, data, batch."""
     datamodule = instantiate(cfg.data)
     datamodule.setup()
@@ -114,7 +131,7 @@ def lightning_vs_plain(cfg: DictConfig, batches: int) -> dict:
         L.seed_everything(0)
         return MemberModule(arch, optimizer=instantiate(cfg.train.optimizer), scheduler="none")
 
-    module = fresh()
+    clock = SteadyClock(warmup)
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=batches,
@@ -125,26 +142,27 @@ def lightning_vs_plain(cfg: DictConfig, batches: int) -> dict:
         enable_model_summary=False,
         accelerator="cpu",
         num_sanity_val_steps=0,
+        callbacks=[clock],
     )
-    start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
-    lightning_s = time.perf_counter() - start
+    trainer.fit(fresh(), train_dataloaders=datamodule.train_dataloader())
+    lightning_s = clock.end - clock.start
 
     module = fresh()
     optimizer = module.optimizer_factory(params=module.parameters())
     module.train()
-    start = time.perf_counter()
     for i, (x, y) in enumerate(datamodule.train_dataloader()):
+        if i == warmup:
+            start = time.perf_counter()
         if i == batches:
             break
-        loss = F.cross_entropy(module.net(x), y)
+        loss = F.cross_entropy(module(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     plain_s = time.perf_counter() - start
-    images = batches * datamodule.batch_size
+    images = (batches - warmup) * datamodule.batch_size
     return {
-        "batches": batches,
+        "batches": batches - warmup,
         "batch_size": datamodule.batch_size,
         "lightning_img_s": images / lightning_s,
         "plain_img_s": images / plain_s,
@@ -152,32 +170,20 @@ def lightning_vs_plain(cfg: DictConfig, batches: int) -> dict:
     }
 
 
-def full_vs_loop(members, singles, stream, args, device) -> dict:
-    """``full`` mode vs a plain loop over the members, interleaved to share machine noise."""
-    module = FlexibleEnsembleModule(members, mode="full").to(device)
-
-    def loop(x):
-        probs = members[0](x).softmax(-1)
-        for m in members[1:]:
-            probs = probs + m(x).softmax(-1)
-        return probs / len(members)
-
-    out = {}
-    for name, data in (
-        ("batch1", [singles[i : i + 1] for i in range(len(singles))]),
-        ("batch", list(stream.split(args.batch_size))),
-    ):
-        times = {"module": [], "loop": []}
-        with torch.inference_mode():
-            loop(data[0]), module(data[0])
-            for _ in range(3):
-                for key, fn in (("loop", loop), ("module", module)):
-                    start = time.perf_counter()
-                    for x in data:
-                        fn(x)
-                    times[key].append(time.perf_counter() - start)
-        out[name] = float(np.median(times["module"]) / np.median(times["loop"]))
-    return out
+def full_vs_loop(networks, singles, stream, args) -> dict:
+    """``full`` mode vs a plain loop over the members (overhead.py's interleaved timing)."""
+    module = FlexibleEnsembleModule(networks, mode="full")
+    one, batch = singles[:1], stream[: args.batch_size]
+    ratios = {}
+    for name, x, rounds in (("batch1", one, 300), ("batch", batch, 10)):
+        times = overhead.interleaved(
+            {"full": lambda x=x: module(x), "loop": lambda x=x: overhead.plain_loop(networks, x)},
+            rounds=rounds,
+            warmup=3,
+            seed=0,
+        )
+        ratios[name] = overhead.compare(times["full"], times["loop"], len(x))["ratio"]
+    return ratios
 
 
 def run(args) -> dict:
@@ -300,7 +306,7 @@ def run(args) -> dict:
         latency_label="measured latency, batch 1 (ms / image)",
     )
     overheads = {
-        "full_vs_loop": full_vs_loop(networks, singles, stream, args, device),
+        "full_vs_loop": full_vs_loop(networks, singles, stream, args),
         "training": lightning_vs_plain(
             compose_cfg("train", [*base, *args.train_overrides]), args.train_batches
         ),
@@ -320,7 +326,7 @@ def run(args) -> dict:
             {
                 "seed": m.seed,
                 "train_time_s": m.meta.get("train_time_s"),
-                "epochs": m.meta.get("epochs", 0) + 1,
+                "epochs": m.meta.get("epochs"),
                 "recipe": m.meta.get("recipe", {}).get("trainer"),
             }
             for m in members
@@ -452,7 +458,7 @@ def main() -> None:
         args.output_dir = args.output_dir or tempfile.mkdtemp(prefix="flexens-bench-")
         if args.results == parser.get_default("results"):
             args.results = str(Path(args.output_dir) / "results")
-        args.latency_images, args.train_batches = 20, 3
+        args.latency_images, args.train_batches = 20, 8
     start = time.perf_counter()
     result = run(args)
     elapsed = time.perf_counter() - start

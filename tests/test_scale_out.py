@@ -277,7 +277,7 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Non
     ("pretrained", "name"), [(True, "test_resnet"), ("r160_in1k", "test_resnet.r160_in1k")]
 )
 def test_pretrained_hub_offline_fails_in_one_line(offline_hub: None, pretrained, name: str) -> None:
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(ConnectionError) as info:
         create_network(TINY_TIMM, num_classes=10, pretrained=pretrained)
     message = str(info.value)
     assert message.startswith(f"could not fetch pretrained weights {name!r}")

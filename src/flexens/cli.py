@@ -6,7 +6,7 @@ import sys
 
 from omegaconf import DictConfig
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)
 
 
 def run(task: str, cfg: DictConfig) -> None:

@@ -121,7 +121,7 @@ def _timm_from_hub(
         )
     except Exception as err:  # timm/huggingface_hub raise many types when the hub is unreachable
         reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not fetch pretrained weights {name!r} from the Hugging Face hub "
             f"({type(err).__name__}: {reason}); without network access download them elsewhere "
             "and pass the file: model.pretrained=/path/to/model.safetensors"

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from flexens.calibration.cache import member_logits
+from flexens.members.registry import Member
+
+
+class Counting(nn.Module):
+    """A linear member that counts its forward passes."""
+
+    def __init__(self, poison: bool = False) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+        self.calls, self.poison = 0, poison
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.layer(x)
+        if self.poison:
+            out[:2] = float("nan")
+        return out
+
+
+def member(sha: str, poison: bool = False) -> Member:
+    return Member(0, Path(f"seed={sha}.ckpt"), sha, {}, {}, Counting(poison))
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(10, 4, generator=g), torch.arange(10) % 3), batch_size=4)
+
+
+def test_logits_are_computed_once_then_served_from_cache(tmp_path):
+    m = member("a" * 64)
+    first, labels = member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")
+    calls = m.network.calls
+    again, labels_again = member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")
+    assert m.network.calls == calls and torch.equal(first, again) and torch.equal(labels, labels_again)
+    member_logits(m, loader(), torch.device("cpu"), tmp_path, "other split", "t")
+    assert m.network.calls > calls  # another split is another key
+
+
+def test_a_foreign_or_damaged_cache_entry_is_rebuilt(tmp_path):
+    m = member("b" * 64)
+    member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")
+    (entry,) = (tmp_path / "logits").glob("*.pt")
+    payload = torch.load(entry)
+    payload["key"]["member_sha256"] = "c" * 64  # as if written for other checkpoints
+    torch.save(payload, entry)
+    calls = m.network.calls
+    member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")
+    assert m.network.calls > calls
+    entry.write_bytes(b"truncated")
+    calls = m.network.calls
+    member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")
+    assert m.network.calls > calls
+
+
+def test_nan_outputs_name_the_member_and_count(tmp_path):
+    with pytest.raises(ValueError, match=r"seed=d+\.ckpt produced NaN/Inf outputs for 6 of 10"):
+        member_logits(member("d" * 64, poison=True), loader(), torch.device("cpu"), tmp_path, "s", "t")
+    assert not list(tmp_path.glob("logits/*.pt"))

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,3 +71,32 @@ def test_overhead_writes_its_figures(tmp_path):
     assert sum(flexible["exit_histogram"]) == 16 and flexible["reach"][0] == 16
     assert flexible["exit_histogram"][0] == 8  # median thresholds halt half at stage 1
     assert flexible["predicted_gain"] > 1 and flexible["measured_gain"] > 0
+
+
+@pytest.mark.slow
+def test_cifar10_benchmark_pipeline_end_to_end_on_digits(tmp_path):
+    """The BENCHMARKS.md pipeline (train, calibrate ×10, time, table, plot) at toy size."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "cifar10.py"),
+            "--quick",
+            "--output-dir",
+            str(tmp_path / "outputs"),
+            "--results",
+            str(tmp_path / "results"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "results" / "cifar10.json").read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names[:3] == ["member seed=0", "member seed=1", "member seed=2"]
+    assert sum(n.startswith("flexible") for n in names) == 10 and names[-1] == "oracle"
+    assert (tmp_path / "results" / "cifar10_accuracy_vs_latency.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        "| target | result | measured |" in (tmp_path / "results" / "cifar10_table.md").read_text()
+    )

@@ -31,7 +31,9 @@ def member(sha: str, poison: bool = False) -> Member:
 
 def loader() -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(10, 4, generator=g), torch.arange(10) % 3), batch_size=4)
+    return DataLoader(
+        TensorDataset(torch.randn(10, 4, generator=g), torch.arange(10) % 3), batch_size=4
+    )
 
 
 def test_logits_are_computed_once_then_served_from_cache(tmp_path):
@@ -39,7 +41,9 @@ def test_logits_are_computed_once_then_served_from_cache(tmp_path):
     first, labels = member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")
     calls = m.network.calls
     again, labels_again = member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")
-    assert m.network.calls == calls and torch.equal(first, again) and torch.equal(labels, labels_again)
+    assert (
+        m.network.calls == calls and torch.equal(first, again) and torch.equal(labels, labels_again)
+    )
     member_logits(m, loader(), torch.device("cpu"), tmp_path, "other split", "t")
     assert m.network.calls > calls  # another split is another key
 
@@ -62,5 +66,7 @@ def test_a_foreign_or_damaged_cache_entry_is_rebuilt(tmp_path):
 
 def test_nan_outputs_name_the_member_and_count(tmp_path):
     with pytest.raises(ValueError, match=r"seed=d+\.ckpt produced NaN/Inf outputs for 6 of 10"):
-        member_logits(member("d" * 64, poison=True), loader(), torch.device("cpu"), tmp_path, "s", "t")
+        member_logits(
+            member("d" * 64, poison=True), loader(), torch.device("cpu"), tmp_path, "s", "t"
+        )
     assert not list(tmp_path.glob("logits/*.pt"))

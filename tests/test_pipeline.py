@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -173,3 +174,28 @@ def test_one_member_has_nothing_to_calibrate(digits_ensemble, tmp_path):
     assert "nothing to calibrate" in result.stdout
     report = json.loads((tmp_path / "one.json").read_text())
     assert report["thresholds"] == [] and report["calibration"]["flexible"]["avg_members"] == 1
+
+
+def test_heterogeneous_members_in_auto_cost_order(digits_ensemble, tmp_path):
+    """A wider (costlier) member joins; ensemble.order=auto runs the cheap ones first."""
+    shutil.copytree(digits_ensemble / "members", tmp_path / "members")
+    run_script(
+        "train.py",
+        "seed=7",
+        f"paths.output_dir={tmp_path}",
+        "logger=csv",
+        "trainer.max_epochs=1",
+        "train.progress_bar=false",
+        "model.kwargs.width=64",
+    )
+    run_script(
+        "calibrate.py",
+        f"paths.output_dir={tmp_path}",
+        "logger=csv",
+        "ensemble.order=auto",
+        "calibrate.search=shared",
+    )
+    report = json.loads((tmp_path / MEMBERS / "thresholds.json").read_text())
+    assert [m["seed"] for m in report["members"]][-1] == 7
+    costs = [m["batch1_ms"] for m in report["latency_profile"]["members"]]
+    assert costs == sorted(costs) and len(report["thresholds"]) == 3

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +41,7 @@ from flexens.calibration.simulate import StageTable  # noqa: E402
 from flexens.ensemble import FlexibleEnsembleModule  # noqa: E402
 from flexens.halting import get_criterion  # noqa: E402
 from flexens.inference import measure_latency  # noqa: E402
-from flexens.latency import device_name, resolve_device, stage_costs_ms  # noqa: E402
+from flexens.latency import machine_info, resolve_device, stage_costs_ms  # noqa: E402
 from flexens.members.module import MemberModule  # noqa: E402
 from flexens.members.registry import load_ensemble  # noqa: E402
 from flexens.members.train import member_arch  # noqa: E402
@@ -315,13 +313,7 @@ def run(args) -> dict:
         },
     }
     return {
-        "machine": {
-            "cpu": device_name(device),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        },
+        "machine": machine_info(device),
         "members": [
             {
                 "seed": m.seed,
@@ -350,7 +342,7 @@ def markdown(result: dict, command: str, elapsed_s: float) -> str:
         r for r in result["rows"] if r["name"] == f"full ensemble k={len(result['members'])}"
     )
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}; "
+        f"Machine: {m['device']}, {m['cpu_count']} cores, torch {m['torch']}, Python {m['python']}; "
         f"{m['date']}. Command: `{command}` ({elapsed_s / 60:.1f} min this run, "
         f"training command {result['train_command_s'] / 60:.1f} min of it).",
         "",

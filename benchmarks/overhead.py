@@ -18,8 +18,6 @@ that halt about half of the samples reaching each stage. Run:
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,7 +31,7 @@ from flexens.artifacts import write_json
 from flexens.data import ImageFolderDataModule
 from flexens.ensemble import FlexibleEnsembleModule
 from flexens.halting import Criterion, get_criterion, should_halt, stage_outputs
-from flexens.latency import device_name
+from flexens.latency import machine_info
 from flexens.members.networks import SmallConvNet
 from flexens.members.registry import Member, find_member_paths, load_ensemble
 
@@ -75,17 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/benchmarks/overhead.json")
     return parser.parse_args(argv)
-
-
-def machine() -> dict:
-    """Where the figures come from: timings are only comparable on the same machine."""
-    return {
-        "device": device_name(torch.device("cpu")),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
 
 
 # -- members, inputs and thresholds ---------------------------------------------------------
@@ -324,7 +311,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     return {
         "benchmark": "overhead",
-        "machine": machine(),
+        "machine": machine_info(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "members": {
             "source": bench["source"],

@@ -13,8 +13,6 @@ them still helps. Run: ``python benchmarks/search_speed.py [--members 8 --sample
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -28,7 +26,7 @@ from flexens.calibration.objectives import Objective
 from flexens.calibration.search import SearchResult, ThresholdSearch, make_grid
 from flexens.calibration.simulate import StageTable
 from flexens.halting import get_criterion
-from flexens.latency import device_name
+from flexens.latency import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 2.0
@@ -47,17 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/benchmarks/search_speed.json")
     return parser.parse_args(argv)
-
-
-def machine() -> dict:
-    """Where the figures come from: timings are only comparable on the same machine."""
-    return {
-        "device": device_name(torch.device("cpu")),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
 
 
 def synthetic_member_probs(
@@ -131,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     member_acc = (probs.argmax(-1) == labels).float().mean(dim=1)
     return {
         "benchmark": "search_speed",
-        "machine": machine(),
+        "machine": machine_info(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "data": {
             "member_accuracy_mean": float(member_acc.mean()),

@@ -44,6 +44,21 @@ def device_name(device: torch.device) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
+def machine_info(device: torch.device | None = None) -> dict:
+    """Where figures come from: timings are only comparable on the same machine."""
+    import datetime
+    import os
+
+    return {
+        "device": device_name(device or torch.device("cpu")),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -40,7 +40,6 @@ from flexens.calibration.run import calibrate  # noqa: E402
 from flexens.calibration.simulate import StageTable  # noqa: E402
 from flexens.ensemble import FlexibleEnsembleModule  # noqa: E402
 from flexens.halting import get_criterion  # noqa: E402
-from flexens.inference import measure_latency  # noqa: E402
 from flexens.latency import machine_info, resolve_device, stage_costs_ms  # noqa: E402
 from flexens.members.module import MemberModule  # noqa: E402
 from flexens.members.registry import load_ensemble  # noqa: E402
@@ -89,8 +88,53 @@ def test_probs(cfg, members, datamodule, device):
     )
 
 
-def timed(module, singles, stream, args, device) -> dict:
-    return measure_latency(module, singles, stream, args.batch_size, device, warmup=10)
+def predict_stream(module, stream: torch.Tensor, batch_size: int) -> dict:
+    """The module's outputs over the whole test split (untimed: accuracy, exit stages)."""
+    with torch.inference_mode():
+        outs = [module(batch) for batch in stream.split(batch_size)]
+    return {k: torch.cat([o[k] for o in outs]) for k in ("prediction", "exit_stage")}
+
+
+def interleaved_timing(modules: dict, singles: torch.Tensor, stream: torch.Tensor, args) -> dict:
+    """Batch-1 latency and serving-batch throughput of every configuration, in rounds.
+
+    Each round times every configuration once, in a fresh random order, on its own slice of
+    images: this machine's speed drifts over minutes, and interleaving spreads the drift
+    over all configurations instead of favouring whichever ran in a fast phase.
+    """
+    names = list(modules)
+    per_round = max(1, len(singles) // args.rounds)
+    stream_per_round = args.batch_size * args.round_batches
+    single_times = {n: [] for n in names}
+    stream_time, stream_images = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+    rng = np.random.default_rng(0)
+    with torch.inference_mode():
+        for module in modules.values():  # warm-up
+            module(singles[:1])
+            module(stream[: args.batch_size])
+        for r in range(args.rounds):
+            ones = singles[r * per_round : (r + 1) * per_round]
+            start_image = (r * stream_per_round) % max(1, len(stream) - stream_per_round + 1)
+            batches = stream[start_image : start_image + stream_per_round].split(args.batch_size)
+            for i in rng.permutation(len(names)):
+                name, module = names[i], modules[names[i]]
+                for x in ones.split(1):
+                    start = time.perf_counter()
+                    module(x)
+                    single_times[name].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                for batch in batches:
+                    module(batch)
+                stream_time[name] += time.perf_counter() - start
+                stream_images[name] += sum(len(b) for b in batches)
+    return {
+        n: {
+            "latency_ms_per_image": float(np.median(single_times[n]) * 1e3),
+            "latency_p90_ms": float(np.quantile(single_times[n], 0.9) * 1e3),
+            "throughput_img_s": stream_images[n] / stream_time[n],
+        }
+        for n in names
+    }
 
 
 def row(name, accuracy, avg_members, expected_ms, timing, full_ref) -> dict:
@@ -173,7 +217,7 @@ def full_vs_loop(networks, singles, stream, args) -> dict:
     module = FlexibleEnsembleModule(networks, mode="full")
     one, batch = singles[:1], stream[: args.batch_size]
     ratios = {}
-    for name, x, rounds in (("batch1", one, 300), ("batch", batch, 10)):
+    for name, x, rounds in (("batch1", one, 500), ("batch", batch, 30)):
         times = overhead.interleaved(
             {"full": lambda x=x: module(x), "loop": lambda x=x: overhead.plain_loop(networks, x)},
             rounds=rounds,
@@ -243,50 +287,78 @@ def run(args) -> dict:
     profile = next(iter(calibrations.values()))["latency_profile"]
     costs = stage_costs_ms(profile)
 
-    rows = []
-    module = FlexibleEnsembleModule(networks, mode="full").to(device)
-    full_timing = timed(module, singles, stream, args, device)
-    full_top1 = float((full_timing["stream_outputs"]["prediction"].numpy() == labels_np).mean())
-    full_ref = {"top1": full_top1}
-    for i, m in enumerate(members):
-        single = FlexibleEnsembleModule([networks[i]], mode="full")
-        timing = timed(single, singles, stream, args, device)
-        acc = float((timing["stream_outputs"]["prediction"].numpy() == labels_np).mean())
-        rows.append(row(f"member seed={m.seed}", acc, 1, costs[i], timing, full_ref))
+    modules = {
+        f"member seed={m.seed}": FlexibleEnsembleModule([networks[i]], mode="full")
+        for i, m in enumerate(members)
+    }
     for k in range(1, len(members) + 1):
-        module.set_mode("first_k", k) if k < len(members) else module.set_mode("full")
-        timing = full_timing if k == len(members) else timed(module, singles, stream, args, device)
-        acc = float((timing["stream_outputs"]["prediction"].numpy() == labels_np).mean())
-        rows.append(row(f"full ensemble k={k}", acc, k, float(costs[:k].sum()), timing, full_ref))
-
-    flexible_points: dict[str, list] = {c: [] for c in CRITERIA}
-    checks = {}
+        modules[f"full ensemble k={k}"] = FlexibleEnsembleModule(
+            networks, mode="first_k" if k < len(members) else "full", first_k=k
+        )
     for (criterion, label), report in calibrations.items():
-        module = FlexibleEnsembleModule(networks, report["thresholds"], criterion).to(device)
-        timing = timed(module, singles, stream, args, device)
-        out = timing["stream_outputs"]
-        acc = float((out["prediction"].numpy() == labels_np).mean())
-        exits = out["exit_stage"].numpy()
-        table = StageTable.from_probs(probs, labels, get_criterion(criterion), costs)
-        simulated = table.evaluate(report["thresholds"])
-        r = row(
-            f"flexible {criterion} {label}",
-            acc,
-            float((exits + 1).mean()),
-            simulated.latency_ms,
-            timing,
+        modules[f"flexible {criterion} {label}"] = FlexibleEnsembleModule(
+            networks, report["thresholds"], criterion
+        )
+    outputs = {
+        name: predict_stream(module, stream, args.batch_size) for name, module in modules.items()
+    }
+    timings = interleaved_timing(modules, singles, stream, args)
+    full_name = f"full ensemble k={len(members)}"
+
+    def top1(name):
+        return float((outputs[name]["prediction"].numpy() == labels_np).mean())
+
+    full_ref = {"top1": top1(full_name)}
+    rows = [
+        row(
+            f"member seed={m.seed}",
+            top1(f"member seed={m.seed}"),
+            1,
+            costs[i],
+            timings[f"member seed={m.seed}"],
             full_ref,
         )
-        r["simulated_top1"] = simulated.accuracy
+        for i, m in enumerate(members)
+    ]
+    rows += [
+        row(
+            f"full ensemble k={k}",
+            top1(f"full ensemble k={k}"),
+            k,
+            float(costs[:k].sum()),
+            timings[f"full ensemble k={k}"],
+            full_ref,
+        )
+        for k in range(1, len(members) + 1)
+    ]
+    flexible_points: dict[str, list] = {c: [] for c in CRITERIA}
+    checks = {}
+    batched = np.array([m["batched_ms_per_image"] for m in profile["members"]])
+    for (criterion, label), report in calibrations.items():
+        name = f"flexible {criterion} {label}"
+        exits = outputs[name]["exit_stage"].numpy()
+        simulated = StageTable.from_probs(probs, labels, get_criterion(criterion), costs).evaluate(
+            report["thresholds"]
+        )
+        r = row(
+            name,
+            top1(name),
+            float((exits + 1).mean()),
+            simulated.latency_ms,
+            timings[name],
+            full_ref,
+        )
         reach = np.array([(exits >= k).sum() for k in range(len(members))])
-        batched = np.array([m["batched_ms_per_image"] for m in profile["members"]])
-        r["predicted_gain"] = float(len(exits) * batched.sum() / (reach * batched).sum())
-        r["measured_gain"] = r["throughput"] / full_timing["throughput_img_s"]
-        r["calibration"] = report["calibration"]["flexible"]
-        r["thresholds"] = report["thresholds"]
+        r.update(
+            simulated_top1=simulated.accuracy,
+            thresholds=report["thresholds"],
+            calibration=report["calibration"]["flexible"],
+            predicted_gain=float(len(exits) * batched.sum() / (reach * batched).sum()),
+            measured_gain=r["throughput"] / timings[full_name]["throughput_img_s"],
+        )
         rows.append(r)
         if "λ" in label:
-            flexible_points[criterion].append((r["latency_ms"], acc, label.split(" ")[0]))
+            flexible_points[criterion].append((r["latency_ms"], r["top1"], label.split(" ")[0]))
         if "max_drop" in label:
             checks["max_drop"] = r
     oracle_table = StageTable.from_probs(probs, labels, get_criterion("margin"), costs)
@@ -325,6 +397,8 @@ def run(args) -> dict:
         ],
         "train_command_s": train_s,
         "test_samples": len(test),
+        "rounds": args.rounds,
+        "throughput_images": args.rounds * args.round_batches * args.batch_size,
         "latency_images": len(singles),
         "batch_size": args.batch_size,
         "latency_profile": profile,
@@ -346,10 +420,12 @@ def markdown(result: dict, command: str, elapsed_s: float) -> str:
         f"{m['date']}. Command: `{command}` ({elapsed_s / 60:.1f} min this run, "
         f"training command {result['train_command_s'] / 60:.1f} min of it).",
         "",
-        f"Test split: {result['test_samples']} images. Latency: median ms per image at batch size 1 "
-        f"over the first {result['latency_images']} test images; throughput: all test images at "
-        f"batch size {result['batch_size']}. Expected latency: the calibration's model "
-        "(per-member batch-1 profile × exit stages on the test split).",
+        f"Test split: {result['test_samples']} images; top-1 and average members over all of it. "
+        f"Timing interleaves all configurations in {result['rounds']} rounds: latency is the median "
+        f"ms per image at batch size 1 over {result['latency_images']} test images, throughput "
+        f"images/s at batch size {result['batch_size']} over {result['throughput_images']} test "
+        "images. Expected latency: the calibration's model (per-member batch-1 profile × exit "
+        "stages on the test split).",
         "",
         "| configuration | top-1 % | Δ top-1 vs full (pp) | avg members | expected ms | measured ms (b=1) "
         f"| img/s (b={result['batch_size']}) | speed-up (b=1) |",
@@ -440,6 +516,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--latency-images", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--round-batches", type=int, default=5, help="serving batches per round")
     parser.add_argument("--train-batches", type=int, default=60)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="digits, 3 tiny members, temp folder")
@@ -450,7 +528,7 @@ def main() -> None:
         args.output_dir = args.output_dir or tempfile.mkdtemp(prefix="flexens-bench-")
         if args.results == parser.get_default("results"):
             args.results = str(Path(args.output_dir) / "results")
-        args.latency_images, args.train_batches = 20, 8
+        args.latency_images, args.train_batches, args.round_batches = 20, 8, 1
     start = time.perf_counter()
     result = run(args)
     elapsed = time.perf_counter() - start

@@ -131,6 +131,7 @@ def interleaved_timing(modules: dict, singles: torch.Tensor, stream: torch.Tenso
         n: {
             "latency_ms_per_image": float(np.median(single_times[n]) * 1e3),
             "latency_p90_ms": float(np.quantile(single_times[n], 0.9) * 1e3),
+            "latency_mean_ms": float(np.mean(single_times[n]) * 1e3),
             "throughput_img_s": stream_images[n] / stream_time[n],
         }
         for n in names

@@ -100,3 +100,27 @@ def test_cifar10_benchmark_pipeline_end_to_end_on_digits(tmp_path):
     assert (
         "| target | result | measured |" in (tmp_path / "results" / "cifar10_table.md").read_text()
     )
+
+
+@pytest.mark.slow
+def test_lambda_sweep_writes_its_figures(digits_ensemble, tmp_path):
+    published = digits_ensemble / "members/digits-small_cnn/thresholds.json"
+    before = published.read_bytes() if published.exists() else None
+    result = run_benchmark(
+        "lambda_sweep",
+        tmp_path / "sweep.json",
+        "--experiment",
+        "none",
+        "--output-dir",
+        str(digits_ensemble),
+        "--loggers",
+        "csv",
+        "--lambdas",
+        "0,10",
+        "--repeats",
+        "1",
+    )
+    csv = result["loggers"]["csv"]
+    assert result["lambdas"] == 2 and len(csv["single_s"]) == len(csv["sweep_s"]) == 1
+    assert csv["median_job_interval_s"] > 0 and isinstance(csv["passed"], bool)
+    assert (published.read_bytes() if published.exists() else None) == before

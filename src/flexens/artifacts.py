@@ -37,6 +37,10 @@ def write_text(path: str | Path, text: str) -> Path:
     return _atomic(path, lambda tmp: tmp.write_text(text))
 
 
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
 def torch_save(path: str | Path, obj: Any) -> Path:
     return _atomic(path, lambda tmp: torch.save(obj, tmp))
 

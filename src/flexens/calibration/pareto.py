@@ -49,6 +49,16 @@ class ParetoCollector:
         t[:, stage] = grid[keep]
         self.add_points(t, latency[keep], error[keep])
 
+    def merged(self, other: ParetoCollector) -> ParetoCollector:
+        """A new collector holding the front of both; neither input changes."""
+        both = ParetoCollector(self.thresholds.shape[1])
+        both.add_points(
+            np.vstack([self.thresholds, other.thresholds]),
+            np.concatenate([self.latency_ms, other.latency_ms]),
+            np.concatenate([self.error, other.error]),
+        )
+        return both
+
     def to_list(self) -> list[dict]:
         return [
             {

@@ -9,18 +9,15 @@ from pathlib import Path
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from flexens.artifacts import read_json, write_json
-from flexens.calibration.cache import ensemble_probs
+from flexens.artifacts import write_json
+from flexens.calibration.inputs import CalibrationInputs, calibration_inputs
 from flexens.calibration.objectives import Objective
 from flexens.calibration.pareto import ParetoCollector
 from flexens.calibration.search import ThresholdSearch, make_grid
 from flexens.calibration.simulate import Outcome, StageTable
 from flexens.halting import get_criterion
-from flexens.latency import latency_profile, resolve_device, stage_costs_ms
-from flexens.members.registry import Member, load_ensemble
 from flexens.reporting import plots
 from flexens.reporting.loggers import (
     build_logger,
@@ -45,57 +42,6 @@ def summary(outcome: Outcome) -> dict:
         "avg_members": outcome.avg_members,
         "expected_latency_ms": outcome.latency_ms,
     }
-
-
-def prepare_ensemble(cfg: DictConfig) -> tuple[list[Member], object]:
-    """Members in calibration order and the data module, checked against each other."""
-    order = cfg.ensemble.order
-    members = load_ensemble(cfg.paths.members_dir, None if order in (None, "auto") else list(order))
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()
-    calib_fp = datamodule.calib_fingerprint()
-    for m in members:
-        if m.meta.get("calib_fingerprint") != calib_fp:
-            raise ValueError(
-                f"member {m.path.name} was trained with another calibration split than data="
-                f"{datamodule.name} gives now; use the same data.* settings or retrain"
-            )
-        if m.num_classes != datamodule.num_classes:
-            raise ValueError(
-                f"member {m.path.name} has {m.num_classes} classes, the data has "
-                f"{datamodule.num_classes}; pick the matching data="
-            )
-    return members, datamodule
-
-
-def load_or_measure_profile(cfg: DictConfig, members: list[Member], datamodule, device) -> dict:
-    """A profile given by ``calibrate.latency_profile``, a matching stored one, or a fresh one."""
-    hashes = [m.sha256 for m in members]
-    given = cfg.calibrate.latency_profile
-    stored = Path(cfg.paths.members_dir) / f"latency_profile-{device.type}.json"
-    path = Path(given) if given else stored
-    if path.exists() and (given or not cfg.calibrate.reprofile):
-        profile = read_json(path)
-        by_hash = {m["sha256"]: m for m in profile["members"]}
-        if set(hashes) <= set(by_hash):
-            return {**profile, "members": [by_hash[h] for h in hashes], "source": str(path)}
-        if given:
-            raise ValueError(
-                f"latency profile {str(path)!r} was measured for other members; "
-                "measure one for these checkpoints or drop calibrate.latency_profile"
-            )
-    example = datamodule.calib_set[0][0].unsqueeze(0)
-    profile = latency_profile(
-        [m.network for m in members],
-        hashes,
-        example,
-        int(cfg.calibrate.profile_batch_size),
-        device,
-        get_criterion(cfg.calibrate.criterion),
-        members[0].num_classes,
-    )
-    write_json(stored, profile)
-    return {**profile, "source": "measured"}
 
 
 def build_objective(cfg: DictConfig, full: Outcome, num_samples: int) -> Objective:
@@ -138,9 +84,18 @@ def search_thresholds(cfg: DictConfig, table: StageTable, objective: Objective):
 
 
 def lambda_curve(
-    cfg: DictConfig, table: StageTable, full: Outcome, grid: np.ndarray, pareto: ParetoCollector
-) -> list[dict]:
-    """Flexible execution across :data:`LAMBDA_LADDER` (also widens the Pareto front)."""
+    cfg: DictConfig, inputs: CalibrationInputs, full: Outcome, grid: np.ndarray
+) -> tuple[list[dict], ParetoCollector]:
+    """Flexible execution across :data:`LAMBDA_LADDER`, and the Pareto points it met.
+
+    It depends on the inputs and the grid only, not on this run's objective, so every job of
+    a sweep over the same inputs reuses the first job's curve.
+    """
+    key = ("lambda_curve", float(cfg.calibrate.grid_step), int(cfg.calibrate.exhaustive_max_evals))
+    if key in inputs.derived:
+        return inputs.derived[key]
+    table = inputs.table
+    pareto = ParetoCollector(table.num_members - 1)
     curve = []
     for lam in LAMBDA_LADDER:
         objective = Objective("lambda", full.latency_ms, full.error, table.num_samples, lam=lam)
@@ -153,7 +108,8 @@ def lambda_curve(
                 **summary(table.evaluate(result.thresholds)),
             }
         )
-    return curve
+    inputs.derived[key] = curve, pareto
+    return curve, pareto
 
 
 def output_path(cfg: DictConfig, run: Path) -> Path | None:
@@ -185,23 +141,8 @@ def check_settings(cfg: DictConfig) -> None:
 
 def calibrate(cfg: DictConfig) -> dict:
     check_settings(cfg)
-    members, datamodule = prepare_ensemble(cfg)
-    device = resolve_device(cfg.device)
-    criterion = get_criterion(cfg.calibrate.criterion)
-    profile = load_or_measure_profile(cfg, members, datamodule, device)
-    if cfg.ensemble.order == "auto":
-        order = np.argsort([m["batch1_ms"] for m in profile["members"]], kind="stable")
-        members = [members[i] for i in order]
-        profile = {**profile, "members": [profile["members"][i] for i in order]}
-    probs, labels = ensemble_probs(
-        members,
-        datamodule.calib_dataloader(),
-        device,
-        cfg.paths.cache_dir,
-        datamodule.calib_fingerprint(),
-        datamodule.eval_transform_description(),
-    )
-    table = StageTable.from_probs(probs, labels, criterion, stage_costs_ms(profile))
+    inputs = calibration_inputs(cfg)
+    members, table, profile = inputs.members, inputs.table, inputs.profile
     full, oracle = table.full(), table.oracle()
     objective = build_objective(cfg, full, table.num_samples)
 
@@ -236,8 +177,8 @@ def calibrate(cfg: DictConfig) -> dict:
                 f"{chosen.accuracy:.2%} calibration accuracy at {chosen.latency_ms:.3f} ms "
                 f"(full ensemble: {full.accuracy:.2%} at {full.latency_ms:.3f} ms)"
             )
-        curve = lambda_curve(cfg, table, full, grid, result.pareto)
-        front = result.pareto.to_list()
+        curve, curve_points = lambda_curve(cfg, inputs, full, grid)
+        front = result.pareto.merged(curve_points).to_list()
     flexible = table.evaluate(thresholds)
 
     report = {
@@ -263,7 +204,7 @@ def calibrate(cfg: DictConfig) -> dict:
         },
         "calibration": {
             "num_samples": table.num_samples,
-            "calib_fingerprint": datamodule.calib_fingerprint(),
+            "calib_fingerprint": inputs.calib_fingerprint,
             "flexible": summary(flexible),
             "full": summary(full),
             "oracle": summary(oracle),

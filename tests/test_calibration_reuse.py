@@ -1,0 +1,74 @@
+"""Jobs of a sweep share what they can, and still give what independent runs give."""
+
+import json
+import os
+import shutil
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT
+from flexens.calibration import inputs as inputs_module
+from flexens.calibration.inputs import calibration_inputs
+from flexens.calibration.run import calibrate
+from flexens.reporting import plots
+
+
+@pytest.fixture
+def outputs(digits_ensemble, tmp_path):
+    """A private copy of the trained digits members (their files get touched here)."""
+    shutil.copytree(digits_ensemble / "members", tmp_path / "members")
+    inputs_module._last = None
+    yield tmp_path
+    inputs_module._last = None
+
+
+def config(out, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "calibrate",
+            overrides=[f"paths.output_dir={out}", "logger=csv", "device=cpu", *overrides],
+        )
+
+
+def test_inputs_are_reused_until_something_that_shapes_them_changes(outputs):
+    first = calibration_inputs(config(outputs, "calibrate.lam=0"))
+    assert calibration_inputs(config(outputs, "calibrate.lam=3")) is first
+    assert calibration_inputs(config(outputs, "calibrate.objective=max_drop")) is first
+
+    by_entropy = calibration_inputs(config(outputs, "calibrate.criterion=entropy"))
+    assert by_entropy is not first and by_entropy.table.num_samples == first.table.num_samples
+
+    member = outputs / "members/digits-small_cnn/seed=1.ckpt"
+    stat = member.stat()
+    os.utime(member, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # "retrained"
+    assert calibration_inputs(config(outputs, "calibrate.criterion=entropy")) is not by_entropy
+
+
+def strip_timing(report: dict) -> dict:
+    report = json.loads(json.dumps(report))
+    report["search"].pop("seconds")
+    report["latency_profile"].pop("source")  # "measured" by the first job, a path later
+    return report
+
+
+def test_a_sweep_job_reports_what_an_independent_run_reports(outputs, tmp_path):
+    def run(lam, name):
+        cfg = config(
+            outputs,
+            f"calibrate.lam={lam}",
+            f"paths.run_dir={tmp_path / name}",
+            f"calibrate.output={tmp_path / name}.json",
+        )
+        return strip_timing(calibrate(cfg))
+
+    run(0, "warm")  # leaves its inputs, λ curve and plots in memory
+    in_sweep = run(10, "in_sweep")
+    inputs_module._last = None
+    plots._RENDERED.clear()
+    independent = run(10, "independent")
+    assert in_sweep == independent
+    for png in ("confidence_histogram.png", "accuracy_vs_latency.png", "pareto_front.png"):
+        assert (tmp_path / "in_sweep" / png).read_bytes() == (
+            tmp_path / "independent" / png
+        ).read_bytes()

@@ -9,6 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from flexens.reporting.plots import (
+    _content_key,
     plot_accuracy_vs_latency,
     plot_confidence_histogram,
     plot_pareto_front,
@@ -87,3 +88,12 @@ def test_identical_inputs_reuse_the_rendered_png(tmp_path: Path, monkeypatch) ->
     with pytest.raises(AssertionError, match="already rendered"):  # another chosen point draws
         plot_pareto_front(tmp_path / "c.png", latency, accuracy, chosen=(3.0, 0.95))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
+def test_inputs_that_differ_only_inside_a_nested_array_get_different_keys() -> None:
+    big = np.linspace(0.0, 1.0, 5000)
+    changed = big.copy()
+    changed[2500] = 0.0  # repr() of either array elides this element
+    assert repr([big]) == repr([changed])
+    assert _content_key("f", {"points": [big]}) != _content_key("f", {"points": [changed]})
+    assert _content_key("f", {"points": [big]}) == _content_key("f", {"points": [big.copy()]})

@@ -4,6 +4,7 @@ Figures are built on :class:`matplotlib.figure.Figure` directly instead of ``pyp
 global figure registry and no backend switching, so plotting is thread-safe and works on
 headless machines (PNG output goes through the Agg renderer). Every PNG is written to a
 temporary file beside the target and renamed into place, so a reader never sees half an image.
+A figure asked for again with the same input is not drawn again (:func:`reuse_identical`).
 
 Accuracies come in as fractions (0..1) and are drawn in percent.
 """
@@ -53,15 +54,28 @@ _RENDERED_KEEP = 16
 _RENDERED_LOCK = threading.Lock()
 
 
+def _feed(digest, value) -> None:
+    """Hash ``value`` in full: ``repr`` alone would elide the middle of a large array."""
+    if isinstance(value, np.ndarray):
+        digest.update(f"array{value.dtype}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, list | tuple):
+        digest.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, dict):
+        digest.update(f"dict{len(value)}".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    else:
+        digest.update(repr(value).encode())
+    digest.update(b"\0")
+
+
 def _content_key(name: str, arguments: dict) -> str:
     digest = hashlib.sha256(name.encode())
-    for key, value in sorted(arguments.items()):
-        digest.update(key.encode())
-        if isinstance(value, np.ndarray):
-            digest.update(f"{value.dtype}{value.shape}".encode())
-            digest.update(np.ascontiguousarray(value).tobytes())
-        else:
-            digest.update(repr(value).encode())
+    _feed(digest, sorted(arguments.items()))
     return digest.hexdigest()
 
 

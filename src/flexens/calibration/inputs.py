@@ -110,17 +110,18 @@ def read_inputs(cfg: DictConfig) -> CalibrationInputs:
         order = np.argsort([m["batch1_ms"] for m in profile["members"]], kind="stable")
         members = [members[i] for i in order]
         profile = {**profile, "members": [profile["members"][i] for i in order]}
+    calib_fp = datamodule.calib_fingerprint()
     probs, labels = ensemble_probs(
         members,
         datamodule.calib_dataloader(),
         device,
         cfg.paths.cache_dir,
-        datamodule.calib_fingerprint(),
+        calib_fp,
         datamodule.eval_transform_description(),
     )
     criterion = get_criterion(cfg.calibrate.criterion)
     table = StageTable.from_probs(probs, labels, criterion, stage_costs_ms(profile))
-    return CalibrationInputs(members, datamodule.calib_fingerprint(), profile, table)
+    return CalibrationInputs(members, calib_fp, profile, table)
 
 
 def _file_state(path: Path) -> tuple:
@@ -165,7 +166,7 @@ def calibration_inputs(cfg: DictConfig) -> CalibrationInputs:
     global _last
     if _last is not None and _last[0] == inputs_key(cfg):
         return _last[1]
-    _last = None
+    _last = None  # let the old inputs go before the new ones are read
     inputs = read_inputs(cfg)
     _last = (inputs_key(cfg), inputs)
     return inputs

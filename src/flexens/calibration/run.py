@@ -84,7 +84,7 @@ def search_thresholds(cfg: DictConfig, table: StageTable, objective: Objective):
 
 
 def lambda_curve(
-    cfg: DictConfig, inputs: CalibrationInputs, full: Outcome, grid: np.ndarray
+    cfg: DictConfig, inputs: CalibrationInputs, grid: np.ndarray
 ) -> tuple[list[dict], ParetoCollector]:
     """Flexible execution across :data:`LAMBDA_LADDER`, and the Pareto points it met.
 
@@ -95,6 +95,7 @@ def lambda_curve(
     if key in inputs.derived:
         return inputs.derived[key]
     table = inputs.table
+    full = table.full()
     pareto = ParetoCollector(table.num_members - 1)
     curve = []
     for lam in LAMBDA_LADDER:
@@ -177,7 +178,7 @@ def calibrate(cfg: DictConfig) -> dict:
                 f"{chosen.accuracy:.2%} calibration accuracy at {chosen.latency_ms:.3f} ms "
                 f"(full ensemble: {full.accuracy:.2%} at {full.latency_ms:.3f} ms)"
             )
-        curve, curve_points = lambda_curve(cfg, inputs, full, grid)
+        curve, curve_points = lambda_curve(cfg, inputs, grid)
         front = result.pareto.merged(curve_points).to_list()
     flexible = table.evaluate(thresholds)
 

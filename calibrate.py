@@ -1,4 +1,4 @@
-"""Calibrate halting thresholds on the held-out split: ``python calibrate.py calibrate.lam=10``."""
+"""Calibrate halting thresholds on the held-out split: ``python calibrate.py calibrate.max_drop=0.01``."""
 
 import os
 from pathlib import Path

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     if count < 2:
         sys.exit(f"--lambdas {args.lambdas!r}: a sweep needs at least two values, e.g. 0,10")
     base = [] if args.experiment == "none" else [f"experiment={args.experiment}"]
+    base.append("calibrate.objective=lambda")
     if args.output_dir:
         base.append(f"paths.output_dir={args.output_dir}")
     results = {}

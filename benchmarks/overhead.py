@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--members-dir",
         type=Path,
         default=ROOT / "outputs/members/cifar10-small_cnn",
-        help="trained members (seed=<n>.ckpt); synthetic ones if it holds none",
+        help="trained members (seed=<n>.safetensors + .json); synthetic ones if it holds none",
     )
     parser.add_argument(
         "--synthetic",
@@ -125,7 +125,9 @@ def load_members(members_dir: Path) -> tuple[list[Member], list[float] | None, s
     # Imported here: it pulls in the loggers (wandb), seconds the synthetic path can skip.
     from flexens.inference import load_calibrated_members
 
-    cfg = OmegaConf.create({"infer": {"thresholds": str(thresholds_file)}})
+    cfg = OmegaConf.create(
+        {"infer": {"thresholds": str(thresholds_file)}, "paths": {"members_dir": str(members_dir)}}
+    )
     members, calibration = load_calibrated_members(cfg)
     return members, calibration["thresholds"], calibration["criterion"], str(thresholds_file)
 

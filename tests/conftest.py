@@ -15,9 +15,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def run_script(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *overrides: str, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, from the project folder."""
-    env = {**os.environ, "FLEXENS_ROOT": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "FLEXENS_ROOT": str(ROOT), "HYDRA_FULL_ERROR": "0", **(env or {})}
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
         cwd=ROOT,
@@ -48,3 +50,49 @@ def digits_ensemble(tmp_path_factory) -> Path:
         "model.kwargs.width=8",
     )
     return out
+
+
+# -- tiny image trees ----------------------------------------------------------------------
+TREE_IMAGE_KINDS = (
+    ("RGB", ".JPEG"),  # ImageNet's own suffix
+    ("L", ".jpg"),  # grayscale
+    ("P", ".png"),  # palette
+    ("RGBA", ".png"),
+    ("CMYK", ".jpg"),
+    ("RGB", ".png"),  # a PNG among JPEGs
+    ("RGB", ".jpg"),
+    ("L", ".png"),
+)
+TREE_SIZES = ((40, 30), (24, 36), (70, 64), (33, 33), (96, 80))
+
+
+def make_image_tree(
+    root: Path,
+    splits: tuple[str, ...] = ("train", "val"),
+    classes: tuple[str, ...] = ("n01", "n02", "n03"),
+    per_split: dict[str, int] | None = None,
+) -> Path:
+    """An ImageNet-layout tree ``root/<split>/<class>/<image>`` of odd little images.
+
+    Every PIL mode a real tree holds shows up (RGB, grayscale, palette, RGBA, CMYK), in
+    JPEG and PNG, at varying sizes; each class has its own tint so members can learn a little.
+    """
+    import numpy as np
+    from PIL import Image
+
+    per_split = {"train": 8, **(per_split or {})}
+    rng = np.random.default_rng(0)
+    for split in splits:
+        count = per_split.get(split, 4)
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                mode, suffix = TREE_IMAGE_KINDS[(i + c) % len(TREE_IMAGE_KINDS)]
+                w, h = TREE_SIZES[(i + 2 * c) % len(TREE_SIZES)]
+                pixels = rng.integers(0, 96, (h, w, 3), dtype=np.uint8)
+                pixels[..., c % 3] += 128  # the class tint
+                image = Image.fromarray(pixels, "RGB")
+                image = image.quantize(16) if mode == "P" else image.convert(mode)
+                image.save(folder / f"img{i}{suffix}", format="PNG" if suffix == ".png" else "JPEG")
+    return root

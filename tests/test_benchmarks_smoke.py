@@ -95,7 +95,8 @@ def test_cifar10_benchmark_pipeline_end_to_end_on_digits(tmp_path):
     report = json.loads((tmp_path / "results" / "cifar10.json").read_text())
     names = [row["name"] for row in report["rows"]]
     assert names[:3] == ["member seed=0", "member seed=1", "member seed=2"]
-    assert sum(n.startswith("flexible") for n in names) == 10 and names[-1] == "oracle"
+    assert sum(n.startswith("flexible") for n in names) == 11 and names[-1] == "oracle"
+    assert sum("certified" in n for n in names) == 2
     assert (tmp_path / "results" / "cifar10_accuracy_vs_latency.png").read_bytes()[:4] == b"\x89PNG"
     assert (
         "| target | result | measured |" in (tmp_path / "results" / "cifar10_table.md").read_text()
@@ -124,3 +125,35 @@ def test_lambda_sweep_writes_its_figures(digits_ensemble, tmp_path):
     assert result["lambdas"] == 2 and len(csv["single_s"]) == len(csv["sweep_s"]) == 1
     assert csv["median_job_interval_s"] > 0 and isinstance(csv["passed"], bool)
     assert (published.read_bytes() if published.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_guarantee_benchmark_writes_its_table(tmp_path):
+    """benchmarks/guarantee.py end to end at toy size: every procedure at every ε."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "guarantee.py"),
+            "--quick",
+            "--repeats",
+            "5",
+            "--output-dir",
+            str(tmp_path / "outputs"),
+            "--results",
+            str(tmp_path / "results"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "results" / "guarantee.json").read_text())
+    assert report["repeats"] == 5 and report["pool"]["calibration_split"] == 674
+    for procedure, rows in report["summary"].items():
+        if procedure.endswith("seconds"):
+            continue
+        assert [r["epsilon"] for r in rows] == [0.0025, 0.005, 0.01, 0.02]
+        assert all(0 <= r["violation_rate"] <= 1 and 1 <= r["avg_members"] <= 3 for r in rows)
+    assert (tmp_path / "results" / "guarantee.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| procedure | ε (pp) | violation rate |" in result.stdout

@@ -26,7 +26,7 @@ class Counting(nn.Module):
 
 
 def member(sha: str, poison: bool = False) -> Member:
-    return Member(0, Path(f"seed={sha}.ckpt"), sha, {}, {}, Counting(poison))
+    return Member(0, Path(f"seed={sha}.safetensors"), sha, {}, {}, Counting(poison))
 
 
 def loader() -> DataLoader:
@@ -65,7 +65,9 @@ def test_a_foreign_or_damaged_cache_entry_is_rebuilt(tmp_path):
 
 
 def test_nan_outputs_name_the_member_and_count(tmp_path):
-    with pytest.raises(ValueError, match=r"seed=d+\.ckpt produced NaN/Inf outputs for 6 of 10"):
+    with pytest.raises(
+        ValueError, match=r"seed=d+\.safetensors produced NaN/Inf outputs for 6 of 10"
+    ):
         member_logits(
             member("d" * 64, poison=True), loader(), torch.device("cpu"), tmp_path, "s", "t"
         )

@@ -39,7 +39,7 @@ def test_inputs_are_reused_until_something_that_shapes_them_changes(outputs):
     by_entropy = calibration_inputs(config(outputs, "calibrate.criterion=entropy"))
     assert by_entropy is not first and by_entropy.table.num_samples == first.table.num_samples
 
-    member = outputs / "members/digits-small_cnn/seed=1.ckpt"
+    member = outputs / "members/digits-small_cnn/seed=1.safetensors"
     stat = member.stat()
     os.utime(member, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # "retrained"
     assert calibration_inputs(config(outputs, "calibrate.criterion=entropy")) is not by_entropy
@@ -56,6 +56,7 @@ def test_a_sweep_job_reports_what_an_independent_run_reports(outputs, tmp_path):
     def run(lam, name):
         cfg = config(
             outputs,
+            "calibrate.objective=lambda",
             f"calibrate.lam={lam}",
             f"paths.run_dir={tmp_path / name}",
             f"calibrate.output={tmp_path / name}.json",

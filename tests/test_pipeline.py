@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import run_script
@@ -20,24 +21,29 @@ def newest(out, pattern):
 
 def test_train_calibrate_infer(digits_ensemble):
     out = digits_ensemble
-    assert sorted(p.name for p in (out / MEMBERS).glob("seed=*.ckpt")) == [
-        "seed=0.ckpt",
-        "seed=1.ckpt",
-        "seed=2.ckpt",
+    assert sorted(p.name for p in (out / MEMBERS).glob("seed=*.safetensors")) == [
+        "seed=0.safetensors",
+        "seed=1.safetensors",
+        "seed=2.safetensors",
     ]
     meta = json.loads((out / MEMBERS / "seed=0.json").read_text())
     assert meta["num_classes"] == 10 and meta["calib_fingerprint"] and meta["sha256"]
 
-    result = run_script("calibrate.py", f"paths.output_dir={out}", "logger=csv")
+    result = run_script(
+        "calibrate.py", f"paths.output_dir={out}", "logger=csv", "calibrate.max_drop=0.05"
+    )
     thresholds = json.loads((out / MEMBERS / "thresholds.json").read_text())
     assert str(out / MEMBERS / "thresholds.json") in result.stdout
-    assert len(thresholds["thresholds"]) == 2 and thresholds["search"]["method"] == "exhaustive"
+    assert len(thresholds["thresholds"]) == 2
+    assert thresholds["search"]["method"] == "certified (shared)"
+    certificate = thresholds["certificate"]
+    assert certificate["certified"] and certificate["epsilon"] == 0.05
+    assert certificate["num_samples"] == 674 and certificate["upper_bound"] <= 0.05
+    line = "certified: accuracy loss ≤ 5.00 pp with 90% confidence (n = 674, fixed-sequence"
+    assert line in result.stdout
     assert [m["seed"] for m in thresholds["members"]] == [0, 1, 2]
     cal = thresholds["calibration"]
-    assert (
-        cal["flexible"]["avg_members"] < 3
-        and cal["oracle"]["avg_members"] <= cal["flexible"]["avg_members"]
-    )
+    assert cal["flexible"]["avg_members"] < 3 and cal["oracle"]["avg_members"] < 3
     assert thresholds["pareto_front"] and thresholds["calibration"]["lambda_curve"]
     run = newest(out, "runs/calibrate/*")
     for png in ("confidence_histogram.png", "accuracy_vs_latency.png", "pareto_front.png"):
@@ -50,7 +56,9 @@ def test_train_calibrate_infer(digits_ensemble):
         "infer.latency_images=20",
         "infer.throughput_images=256",
     )
+    assert line in result.stdout
     metrics = json.loads((newest(out, "runs/infer/*") / "metrics.json").read_text())
+    assert metrics["certificate"] == certificate
     for mode in ("flexible", "full"):
         for key in ("accuracy", "avg_members", "latency_ms_per_image", "throughput_img_s"):
             assert metrics[mode][key] > 0
@@ -65,7 +73,13 @@ def test_train_calibrate_infer(digits_ensemble):
 
 def test_lambda_sweep_logs_one_offline_wandb_run_per_lambda(digits_ensemble):
     out = digits_ensemble
-    run_script("calibrate.py", "-m", "calibrate.lam=0,10", f"paths.output_dir={out}")
+    run_script(
+        "calibrate.py",
+        "-m",
+        "calibrate.objective=lambda",
+        "calibrate.lam=0,10",
+        f"paths.output_dir={out}",
+    )
     sweep = newest(out, "multirun/calibrate/*")
     for job in ("0", "1"):
         assert (sweep / job / "thresholds.json").exists()
@@ -95,6 +109,70 @@ def test_operating_point_and_images_in_the_wild(digits_ensemble, tmp_path):
     rows = list(csv.DictReader((newest(out, "runs/infer/*") / "predictions.csv").open()))
     assert [r["file"].rsplit("/", 1)[1] for r in rows] == ["clear.png", "grey.png"]
     assert "thresholds (budget_ms=1e+09)" in result.stdout
+    assert "not certified: accuracy loss" in result.stdout
+
+    result = run_script(
+        "infer.py",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        f"input={folder}",
+        "infer.operating_point.max_drop=0.2",
+    )
+    assert "thresholds (max_drop=0.2)" in result.stdout
+    assert "certified: accuracy loss ≤ 20.00 pp with 90% confidence (n = 674" in result.stdout
+
+
+def test_label_free_calibration_on_a_folder_of_images(digits_ensemble, tmp_path):
+    """calibrate.risk=disagreement certifies on unlabelled images in nested folders."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images[-300:]
+    for i, image in enumerate(images):
+        folder = tmp_path / "production" / f"day{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        ink = (255 - image * 255 / 16).astype(np.uint8)  # photos: dark ink on white paper
+        Image.fromarray(ink).resize((32, 32)).save(folder / f"{i}.png")
+    (tmp_path / "production" / "notes.txt").write_text("not an image")
+    result = run_script(
+        "calibrate.py",
+        f"paths.output_dir={digits_ensemble}",
+        "logger=csv",
+        "calibrate.risk=disagreement",
+        f"calibrate.unlabelled={tmp_path / 'production'}",
+        "calibrate.max_drop=0.05",
+        f"calibrate.output={tmp_path}/label_free.json",
+    )
+    report = json.loads((tmp_path / "label_free.json").read_text())
+    certificate = report["certificate"]
+    assert certificate["risk"] == "disagreement" and certificate["num_samples"] == 300
+    assert not report["calibration"]["labelled"]
+    assert report["calibration"]["full"]["accuracy"] == 1.0  # agreement of full with itself
+    assert "disagreement with the full ensemble ≤ 5.00 pp" in result.stdout
+
+    fails = run_script(
+        "calibrate.py",
+        f"paths.output_dir={digits_ensemble}",
+        "logger=csv",
+        f"calibrate.unlabelled={tmp_path / 'production'}",
+        check=False,
+    )
+    assert fails.returncode == 2 and "certify calibrate.risk=disagreement" in fails.stderr
+
+
+def test_too_little_data_serves_the_full_ensemble_and_says_why(digits_ensemble, tmp_path):
+    result = run_script(
+        "calibrate.py",
+        f"paths.output_dir={digits_ensemble}",
+        "logger=csv",
+        "calibrate.max_drop=0.001",
+        f"calibrate.output={tmp_path}/strict.json",
+    )
+    report = json.loads((tmp_path / "strict.json").read_text())
+    assert report["thresholds"] == [1.0, 1.0]
+    assert report["calibration"]["flexible"]["avg_members"] == 3
+    assert "n = 674 tested samples are too few to certify accuracy loss ≤ 0.10 pp" in result.stdout
+    assert "the smallest ε they can certify is 0.34 pp" in result.stdout
+    assert "needs at least 2,302" in result.stdout
 
 
 def test_bad_input_ends_with_one_line_and_writes_nothing(digits_ensemble, tmp_path):
@@ -115,6 +193,13 @@ def test_bad_input_ends_with_one_line_and_writes_nothing(digits_ensemble, tmp_pa
         "logger=csv",
         "calibrate.lam=-1",
         match="calibrate.lam must be a finite number >= 0, got -1",
+    )
+    fails(
+        "calibrate.py",
+        f"paths.output_dir={out}",
+        "logger=csv",
+        "calibrate.delta=1.5",
+        match="calibrate.delta must be in (0, 1), got 1.5",
     )
     fails(
         "calibrate.py",
@@ -146,7 +231,7 @@ def test_bad_input_ends_with_one_line_and_writes_nothing(digits_ensemble, tmp_pa
         f"paths.output_dir={out}",
         "logger=csv",
         f"infer.thresholds={tmp_path}/t.json",
-        match="seed=1.ckpt changed since",
+        match="seed=1.safetensors changed since",
     )
     tampered = json.loads(before)
     tampered["thresholds"] = [0.5]
@@ -159,7 +244,7 @@ def test_bad_input_ends_with_one_line_and_writes_nothing(digits_ensemble, tmp_pa
         match="1 thresholds for 3 members",
     )
     assert published.read_bytes() == before
-    assert not list(tmp_path.glob("members/*/seed=*.ckpt"))
+    assert not list(tmp_path.glob("members/*/seed=*.safetensors"))
 
 
 def test_one_member_has_nothing_to_calibrate(digits_ensemble, tmp_path):
@@ -199,3 +284,17 @@ def test_heterogeneous_members_in_auto_cost_order(digits_ensemble, tmp_path):
     assert [m["seed"] for m in report["members"]][-1] == 7
     costs = [m["batch1_ms"] for m in report["latency_profile"]["members"]]
     assert costs == sorted(costs) and len(report["thresholds"]) == 3
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_certifies_and_halts(tmp_path):
+    """The README's quickstart with its defaults (only the output folder moved)."""
+    out = f"paths.output_dir={tmp_path}"
+    run_script("train.py", "-m", "seed=0,1,2", out, "train.progress_bar=false")
+    calibrated = run_script("calibrate.py", out)
+    inferred = run_script("infer.py", out)
+    line = "certified: accuracy loss ≤ 1.00 pp with 90% confidence (n = 674, fixed-sequence"
+    assert line in calibrated.stdout and line in inferred.stdout
+    metrics = json.loads((newest(tmp_path, "runs/infer/*") / "metrics.json").read_text())
+    assert metrics["flexible"]["avg_members"] < 2
+    assert metrics["full"]["accuracy"] - metrics["flexible"]["accuracy"] <= 0.01

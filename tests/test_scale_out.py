@@ -300,7 +300,7 @@ def test_ddp_two_cpu_processes_train_a_loadable_member(tmp_path: Path) -> None:
         "trainer.max_epochs=1",
     )
     assert "Starting with 2 processes" in result.stdout + result.stderr
-    member = load_member(_members_dir(tmp_path) / "seed=0.ckpt")
+    member = load_member(_members_dir(tmp_path) / "seed=0.safetensors")
     assert member.meta["epochs"] == 1 and member.num_classes == 10
     assert not (_members_dir(tmp_path) / ".work" / "seed=0").exists()
     # rank 1 re-ran train.py into the same run folder, without a second member or config dump
@@ -323,7 +323,7 @@ def test_ddp_inside_a_seed_sweep_trains_each_member_once(tmp_path: Path) -> None
     output = result.stdout + result.stderr
     assert output.count("Starting with 2 processes") == 2
     for seed in (0, 1):
-        assert load_member(_members_dir(tmp_path) / f"seed={seed}.ckpt").seed == seed
+        assert load_member(_members_dir(tmp_path) / f"seed={seed}.safetensors").seed == seed
     (sweep,) = (tmp_path / "multirun" / "train").iterdir()  # the children started no sweep
     for job in ("0", "1"):
         assert (sweep / job / "train_ddp_process_1.log").is_file()
@@ -338,7 +338,7 @@ def _epochs_logged(run_dir: Path) -> set[int]:
 @pytest.mark.slow
 def test_killed_member_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     work = _members_dir(tmp_path) / ".work" / "seed=0"
-    last, member = work / "last.ckpt", _members_dir(tmp_path) / "seed=0.ckpt"
+    last, member = work / "last.ckpt", _members_dir(tmp_path) / "seed=0.safetensors"
     # ~80 steps an epoch: after the first checkpoint, two epochs remain to kill the run in
     overrides = ["trainer.max_epochs=3", "data.batch_size=16"]
     cmd = [sys.executable, "train.py", *overrides, *DIGITS_RUN, f"paths.output_dir={tmp_path}"]
@@ -378,7 +378,9 @@ def test_seed_sweep_rerun_skips_finished_members(tmp_path: Path) -> None:
     sweep = ["-m", "seed=0,1", "trainer.max_epochs=1"]
     _train(tmp_path, *sweep, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     files = [
-        _members_dir(tmp_path) / f"seed={s}{ext}" for s in (0, 1) for ext in (".ckpt", ".json")
+        _members_dir(tmp_path) / f"seed={s}{ext}"
+        for s in (0, 1)
+        for ext in (".safetensors", ".json")
     ]
     mtimes = [f.stat().st_mtime_ns for f in files]
     result = _train(tmp_path, *sweep)
@@ -391,4 +393,4 @@ def test_seed_sweep_rerun_skips_finished_members(tmp_path: Path) -> None:
 def test_submitit_launcher_writes_to_the_shared_members_dir(tmp_path: Path) -> None:
     """submitit's local executor pickles the job like SLURM does; the member lands in one place."""
     _train(tmp_path, "-m", "hydra/launcher=submitit_local", "seed=3", "trainer.max_epochs=1")
-    assert load_member(_members_dir(tmp_path) / "seed=3.ckpt").seed == 3
+    assert load_member(_members_dir(tmp_path) / "seed=3.safetensors").seed == 3

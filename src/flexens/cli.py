@@ -1,16 +1,31 @@
-"""What the thin ``@hydra.main`` entry points call: dispatch, and one-line user errors."""
+"""What the thin ``@hydra.main`` entry points call: dispatch, and one-line user errors.
+
+A user error ends a single run with ``error: <one line>`` and exit code 2. Inside a sweep
+(``-m``) it ends only its own job: the job is recorded as failed in the sweep folder, the
+other jobs run on, and :class:`SweepFailures` (a Hydra callback) prints which jobs failed
+once the sweep is over and exits with code 2. The record is a file, not process memory,
+so it works for every launcher (joblib and SLURM jobs run in other processes).
+"""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from flexens.artifacts import write_text
+
 USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)
+FAILED_JOBS = ".failed_jobs"
+"""Folder of the sweep directory holding one ``<job number>.txt`` per failed job."""
 
 
 def run(task: str, cfg: DictConfig) -> None:
-    """Run ``task``; bad input ends with ``error: <one line>`` and exit code 2."""
+    """Run ``task``; bad input ends with ``error: <one line>`` (exit 2, or a failed job)."""
     try:
         if task == "train":
             from flexens.members.train import train_member
@@ -27,6 +42,32 @@ def run(task: str, cfg: DictConfig) -> None:
         else:
             raise ValueError(f"unknown task {task!r}")
     except USER_ERRORS as err:
-        message = err.args[0] if err.args else repr(err)
+        message = " ".join(str(err.args[0] if err.args else repr(err)).split())
         print(f"error: {message}", file=sys.stderr)
+        if not in_sweep():
+            sys.exit(2)
+        job = HydraConfig.get().job
+        overrides = " ".join(HydraConfig.get().overrides.task)
+        folder = Path(HydraConfig.get().sweep.dir) / FAILED_JOBS
+        write_text(folder / f"{job.num}.txt", f"#{job.num} ({overrides}): {message}\n")
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+class SweepFailures(Callback):
+    """At the end of a sweep: one line naming the failed jobs, then exit code 2 if any failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        folder = Path(config.hydra.sweep.dir) / FAILED_JOBS
+        failed = sorted(folder.glob("*.txt"), key=lambda p: int(p.stem)) if folder.is_dir() else []
+        if not failed:
+            return
+        jobs = ", ".join(p.read_text().split(":", 1)[0] for p in failed)
+        print(
+            f"error: {len(failed)} job(s) of this sweep failed, the others ran: {jobs} "
+            f"(their errors are above and in {folder})",
+            file=sys.stderr,
+        )
         sys.exit(2)

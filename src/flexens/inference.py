@@ -19,9 +19,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from flexens.artifacts import read_json, write_json, write_text
+from flexens.artifacts import write_json, write_text
+from flexens.calibration.certificate import (
+    certificate_line,
+    certificate_metrics,
+    certified_thresholds,
+)
 from flexens.calibration.objectives import Objective
 from flexens.calibration.pareto import select_point
+from flexens.calibration.risk import pick_certified
+from flexens.calibration.schema import read_thresholds
 from flexens.ensemble import FlexibleEnsembleModule
 from flexens.inputs import find_images, load_images
 from flexens.latency import device_name, resolve_device, synchronize
@@ -35,44 +42,62 @@ GAP_WARNING = 0.20
 
 
 def load_calibrated_members(cfg: DictConfig) -> tuple[list[Member], dict]:
-    """The members named in thresholds.json, checked by count and checkpoint hash."""
+    """The members named in thresholds.json, checked by count and weights hash.
+
+    thresholds.json names each member by its file name inside ``paths.members_dir``; a name
+    that leads elsewhere is refused, and each file's hash is checked against the one
+    recorded at calibration before its weights are deserialised.
+    """
     path = Path(cfg.infer.thresholds)
     if not path.is_file():
         raise FileNotFoundError(
             f"thresholds file {str(path)!r} does not exist; run calibrate.py first "
             "(or pass infer.thresholds=/path/to/thresholds.json)"
         )
-    calibration = read_json(path)
-    members = [load_member(Path(m["path"])) for m in calibration["members"]]
-    for recorded, member in zip(calibration["members"], members, strict=True):
-        if recorded["sha256"] != member.sha256:
+    calibration = read_thresholds(path)  # every field checked before one is used
+    members_dir = Path(cfg.paths.members_dir)
+    members = []
+    for recorded in calibration["members"]:
+        name, sha256 = recorded["path"], recorded["sha256"]
+        if name in ("", ".", "..") or "/" in name or "\\" in name or ".." in name:
             raise ValueError(
-                f"{member.path.name} changed since {path} was calibrated (checkpoint hash differs); "
+                f"{path} names member {name!r}, not a file name inside the members folder "
+                f"{members_dir} (written before members were named by file, or edited); "
                 "recalibrate: python calibrate.py"
             )
-    if len(calibration["thresholds"]) != len(members) - 1:
-        raise ValueError(
-            f"{path} holds {len(calibration['thresholds'])} thresholds for "
-            f"{len(members)} members; recalibrate: python calibrate.py"
-        )
+        twin = next((m for m in members if m.sha256 == sha256), None)
+        if twin is not None:
+            raise ValueError(
+                f"{path} lists {name} and {twin.path.name}, which hold the same weights; "
+                "recalibrate: python calibrate.py"
+            )
+        members.append(load_member(members_dir / name, sha256, calibrated_in=path))
     return members, calibration
 
 
-OPERATING_POINT_OBJECTIVES = {"lam": "lambda", "max_drop": "max_drop", "budget_ms": "budget"}
-"""``infer.operating_point.<setting>`` → the objective that picks from the Pareto front."""
+OPERATING_POINT_OBJECTIVES = {"lam": "lambda", "budget_ms": "budget"}
+"""``infer.operating_point.<setting>`` → the objective that picks from the (uncertified)
+Pareto front; ``max_drop`` picks from the certified front instead."""
 
 
-def operating_point(cfg: DictConfig, calibration: dict) -> tuple[list[float], str, float]:
-    """Thresholds, their name and expected ms/image: the calibrated ones, or another point
-    of the calibration's Pareto front chosen by ``infer.operating_point``."""
+def operating_point(cfg: DictConfig, calibration: dict) -> tuple[list[float], str, float, dict]:
+    """Thresholds, their name, expected ms/image and certificate: the calibrated ones, or
+    another point of the calibration's fronts chosen by ``infer.operating_point``."""
     op = cfg.infer.operating_point
     chosen = {k: op[k] for k in ("lam", "max_drop", "budget_ms") if op.get(k) is not None}
     if not chosen:
         flexible = calibration["calibration"]["flexible"]
-        return calibration["thresholds"], "calibrated", flexible["expected_latency_ms"]
+        return (
+            calibration["thresholds"],
+            "calibrated",
+            flexible["expected_latency_ms"],
+            calibration.get("certificate"),
+        )
     if len(chosen) > 1:
         raise ValueError(f"pick one infer.operating_point setting, got {sorted(chosen)}")
     ((setting, value),) = chosen.items()
+    if setting == "max_drop":
+        return certified_operating_point(calibration, float(value))
     full = calibration["calibration"]["full"]
     objective = Objective(
         kind=OPERATING_POINT_OBJECTIVES[setting],
@@ -87,7 +112,38 @@ def operating_point(cfg: DictConfig, calibration: dict) -> tuple[list[float], st
             f"warning: no calibrated operating point meets {objective.describe()}; using the "
             f"closest ({point.accuracy:.2%} at {point.latency_ms:.3f} ms expected)"
         )
-    return point.thresholds, f"{setting}={value:g}", point.latency_ms
+    certificate = calibration.get("certificate") or {}
+    estimate = uncertified_point(calibration, point.accuracy, certificate)
+    return point.thresholds, f"{setting}={value:g}", point.latency_ms, estimate
+
+
+def certified_operating_point(
+    calibration: dict, epsilon: float
+) -> tuple[list[float], str, float, dict]:
+    """The cheapest point certified at ``epsilon`` by the calibration's fixed-sequence test."""
+    basis = calibration.get("certification")
+    front = calibration.get("certified_front")
+    if not basis or not front:
+        raise ValueError(
+            f"{calibration.get('ensemble', 'this ensemble')}'s thresholds.json holds no certified "
+            "front (calibrated before certificates existed); recalibrate: python calibrate.py"
+        )
+    if not 0 < epsilon < 1:
+        raise ValueError(f"infer.operating_point.max_drop must be in (0, 1), got {epsilon}")
+    thresholds, certificate = certified_thresholds(front, epsilon, basis)
+    latency = pick_certified(front, epsilon)["latency_ms"]
+    return thresholds, f"max_drop={epsilon:g}", latency, certificate
+
+
+def uncertified_point(calibration: dict, accuracy: float, certificate: dict) -> dict:
+    """A λ/budget point from the Pareto front: its calibration-split loss, as an estimate."""
+    full = calibration["calibration"]["full"]["accuracy"]
+    return {
+        "certified": False,
+        "risk": certificate.get("risk", "drop"),
+        "observed_risk": max(full - accuracy, 0.0),
+        "num_samples": calibration["calibration"]["num_samples"],
+    }
 
 
 def measure_latency(
@@ -137,9 +193,25 @@ def evaluate_mode(trainer: L.Trainer, module: FlexibleEnsembleModule, loader) ->
     }
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Fail on bad infer.* values before any member is loaded."""
+    for key in ("batch_size", "latency_images", "throughput_images"):
+        value = cfg.infer[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"infer.{key} must be a whole number >= 1, got {value!r}")
+    if (
+        isinstance(cfg.infer.warmup, bool)
+        or not isinstance(cfg.infer.warmup, int)
+        or cfg.infer.warmup < 0
+    ):
+        raise ValueError(f"infer.warmup must be a whole number >= 0, got {cfg.infer.warmup!r}")
+    resolve_device(cfg.device)
+
+
 def infer(cfg: DictConfig) -> dict:
+    check_settings(cfg)
     members, calibration = load_calibrated_members(cfg)
-    thresholds, point_name, expected_flexible_ms = operating_point(cfg, calibration)
+    thresholds, point_name, expected_flexible_ms, certificate = operating_point(cfg, calibration)
     device = resolve_device(cfg.device)
     module = (
         FlexibleEnsembleModule(
@@ -154,6 +226,7 @@ def infer(cfg: DictConfig) -> dict:
         .eval()
     )
     print(f"thresholds ({point_name}): " + ", ".join(f"{t:.2f}" for t in thresholds))
+    print(certificate_line(certificate))
     datamodule = instantiate(cfg.data)
     if cfg.input is not None:
         return predict_images(cfg, module, datamodule, members)
@@ -166,7 +239,54 @@ def infer(cfg: DictConfig) -> dict:
         )
     run = run_dir(cfg)
     logger = build_logger(cfg, run, name=f"{cfg.ensemble.name}-infer-{cfg.infer.mode}")
-    log_config(logger, cfg)
+    status = "failed"
+    try:
+        log_config(logger, cfg)
+        expected = {
+            "full": calibration["calibration"]["full"]["expected_latency_ms"],
+            "flexible": expected_flexible_ms,
+        }
+        results, sizes = compare_modes(cfg, module, datamodule, device, expected)
+        per_sample = results[cfg.infer.mode].pop("_per_sample")
+        for r in results.values():
+            r.pop("_per_sample", None)
+        metrics = {
+            **results,
+            "ensemble": calibration["ensemble"],
+            "members": len(members),
+            "criterion": calibration["criterion"],
+            "thresholds": list(thresholds),
+            "operating_point": point_name,
+            "certificate": certificate,
+            "device": device_name(device),
+            **sizes,
+        }
+        write_json(run / "metrics.json", metrics)
+        columns, rows = per_sample_rows(per_sample, members[0].meta["class_names"])
+        write_csv(run / "predictions.csv", columns, rows)
+        print_table(results)
+        print(f"metrics: {run / 'metrics.json'}")
+        if logger is not None:
+            logger.log_metrics(
+                {
+                    f"test/{mode}/{k}": v
+                    for mode, r in results.items()
+                    for k, v in r.items()
+                    if isinstance(v, float)
+                }
+                | certificate_metrics(certificate)
+            )
+            log_table(logger, "per_sample_exits", columns, rows)
+        status = "success"
+    finally:
+        close_logger(logger, status)
+    return metrics
+
+
+def compare_modes(
+    cfg: DictConfig, module: FlexibleEnsembleModule, datamodule, device, expected: dict
+) -> tuple[dict, dict]:
+    """Accuracy and measured latency of the configured mode, ``full`` and the oracle."""
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -179,51 +299,39 @@ def infer(cfg: DictConfig) -> dict:
     n_stream = min(int(cfg.infer.throughput_images), len(test))
     singles = torch.stack([test[i][0] for i in range(n_single)])
     stream = torch.stack([test[i][0] for i in range(n_stream)])
-    expected = {
-        "full": calibration["calibration"]["full"]["expected_latency_ms"],
-        "flexible": expected_flexible_ms,
-    }
-
-    modes = list(dict.fromkeys([cfg.infer.mode, "full", "oracle"]))
     results = {}
-    for mode in modes:
+    for mode in dict.fromkeys([cfg.infer.mode, "full", "oracle"]):
         module.set_mode(mode, cfg.infer.first_k)
         results[mode] = evaluate_mode(trainer, module, datamodule.test_dataloader())
-        if mode != "oracle":  # the oracle needs every member's output: no latency to claim
-            module.to(device)
-            timing = measure_latency(
-                module, singles, stream, int(cfg.infer.batch_size), device, int(cfg.infer.warmup)
-            )
-            results[mode].update(timing)
-            if mode in expected:
-                results[mode]["expected_latency_ms"] = expected[mode]
-                gap = results[mode]["latency_ms_per_image"] / expected[mode] - 1.0
-                results[mode]["latency_gap"] = gap
-                if abs(gap) > GAP_WARNING:
-                    print(
-                        f"warning: {mode} measured {results[mode]['latency_ms_per_image']:.3f} ms/image, "
-                        f"{gap:+.0%} off the calibration's expected {expected[mode]:.3f} ms "
-                        f"(profile from {calibration['latency_profile']['device']})"
-                    )
+        if mode == "oracle":  # the oracle needs every member's output: no latency to claim
+            continue
+        module.to(device)
+        timing = measure_latency(
+            module, singles, stream, int(cfg.infer.batch_size), device, int(cfg.infer.warmup)
+        )
+        results[mode].update(timing)
+        if mode in expected:
+            results[mode]["expected_latency_ms"] = expected[mode]
+            gap = timing["latency_ms_per_image"] / expected[mode] - 1.0
+            results[mode]["latency_gap"] = gap
+            if abs(gap) > GAP_WARNING:
+                print(
+                    f"warning: {mode} measured {timing['latency_ms_per_image']:.3f} ms/image, "
+                    f"{gap:+.0%} off the calibration's expected {expected[mode]:.3f} ms "
+                    "(an estimate from the calibration's latency profile)"
+                )
     module.set_mode(cfg.infer.mode, cfg.infer.first_k)
-    per_sample = results[cfg.infer.mode].pop("_per_sample")
-    for r in results.values():
-        r.pop("_per_sample", None)
-    metrics = {
-        **results,
-        "ensemble": calibration["ensemble"],
-        "members": len(members),
-        "criterion": calibration["criterion"],
-        "thresholds": list(thresholds),
-        "operating_point": point_name,
-        "device": device_name(device),
+    sizes = {
         "test_samples": len(test),
         "latency_images": n_single,
         "throughput_images": n_stream,
         "batch_size": int(cfg.infer.batch_size),
     }
-    write_json(run / "metrics.json", metrics)
-    class_names = members[0].meta["class_names"]
+    return results, sizes
+
+
+def per_sample_rows(per_sample: dict, class_names: list[str]) -> tuple[list[str], list[list]]:
+    columns = ["index", "target", "prediction", "confidence", "members_used"]
     rows = [
         [i, class_names[int(t)], class_names[int(p)], float(c), int(e) + 1]
         for i, (t, p, c, e) in enumerate(
@@ -236,22 +344,7 @@ def infer(cfg: DictConfig) -> dict:
             )
         )
     ]
-    columns = ["index", "target", "prediction", "confidence", "members_used"]
-    write_csv(run / "predictions.csv", columns, rows)
-    print_table(results)
-    print(f"metrics: {run / 'metrics.json'}")
-    if logger is not None:
-        logger.log_metrics(
-            {
-                f"test/{mode}/{k}": v
-                for mode, r in results.items()
-                for k, v in r.items()
-                if isinstance(v, float)
-            }
-        )
-        log_table(logger, "per_sample_exits", columns, rows)
-    close_logger(logger)
-    return metrics
+    return columns, rows
 
 
 def predict_images(

@@ -49,7 +49,11 @@ def find_images(path: str | Path) -> list[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"input {str(path)!r} is neither a file nor a folder; {_HINT}")
     found: list[Path] = []
-    for folder, dirs, files in os.walk(path):
+
+    def unreadable(error: OSError) -> None:  # reported, not silently skipped (os.walk's default)
+        print(f"skipped {error.filename}: {_one_line(error)}")
+
+    for folder, dirs, files in os.walk(path, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found.extend(
             Path(folder, f)

@@ -23,7 +23,14 @@ from flexens.halting import Criterion, running_mean
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"device={name!r} is not a device torch knows; use device=auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} is not supported; use device=auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device={name!r} asked for but no CUDA GPU is visible; use device=cpu or auto"

@@ -86,3 +86,19 @@ def ensemble_probs(
         labels = y
         probs.append(logits.softmax(dim=-1))
     return torch.stack(probs), labels
+
+
+def split_probs(
+    members: list[Member], datamodule, split: str, device: torch.device, cache_dir: str | Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs (N, S, C), labels (S,))`` on the data module's ``calib`` or ``test`` split."""
+    if split == "calib":
+        loader, split_fp = datamodule.calib_dataloader(), datamodule.calib_fingerprint()
+    elif split == "test":
+        loader = datamodule.test_dataloader()
+        split_fp = fingerprint(["test", datamodule.data_fingerprint()])
+    else:
+        raise ValueError(f"unknown split {split!r}; use calib or test")
+    return ensemble_probs(
+        members, loader, device, cache_dir, split_fp, datamodule.eval_transform_description()
+    )

@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
 
-from flexens.artifacts import read_json, write_json
-from flexens.calibration.cache import ensemble_probs
+from flexens.artifacts import fingerprint, write_json
+from flexens.calibration.cache import ensemble_probs, split_probs
+from flexens.calibration.schema import read_profile
 from flexens.calibration.simulate import StageTable
 from flexens.halting import get_criterion
+from flexens.inputs import find_images, load_images
 from flexens.latency import latency_profile, resolve_device, stage_costs_ms
 from flexens.members.registry import Member, find_member_paths, load_ensemble
 
@@ -34,6 +38,8 @@ class CalibrationInputs:
     calib_fingerprint: str
     profile: dict
     table: StageTable
+    labelled: bool = True
+    """False for ``calibrate.unlabelled``: the table's labels are the full ensemble's answers."""
     derived: dict = field(default_factory=dict, compare=False, repr=False)
     """Results computed from these inputs alone (the λ curve): jobs that share the inputs
     share these too."""
@@ -53,7 +59,14 @@ def prepare_ensemble(cfg: DictConfig) -> tuple[list[Member], object]:
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     calib_fp = datamodule.calib_fingerprint()
+    members_dir = Path(cfg.paths.members_dir).resolve()
     for m in members:
+        if m.path.resolve().parent != members_dir:
+            raise ValueError(
+                f"member {str(m.path)!r} is outside the members folder {str(members_dir)!r}; "
+                "thresholds.json names members inside it, so copy the member (.safetensors "
+                "and .json) there first"
+            )
         if m.meta.get("calib_fingerprint") != calib_fp:
             raise ValueError(
                 f"member {m.path.name} was trained with another calibration split than data="
@@ -78,7 +91,7 @@ def load_or_measure_profile(cfg: DictConfig, members: list[Member], datamodule, 
     stored = stored_profile_path(cfg, device)
     path = Path(given) if given else stored
     if path.exists() and (given or not cfg.calibrate.reprofile):
-        profile = read_json(path)
+        profile = read_profile(path)
         by_hash = {m["sha256"]: m for m in profile["members"]}
         if set(hashes) <= set(by_hash):
             return {**profile, "members": [by_hash[h] for h in hashes], "source": str(path)}
@@ -111,17 +124,43 @@ def read_inputs(cfg: DictConfig) -> CalibrationInputs:
         members = [members[i] for i in order]
         profile = {**profile, "members": [profile["members"][i] for i in order]}
     calib_fp = datamodule.calib_fingerprint()
-    probs, labels = ensemble_probs(
-        members,
-        datamodule.calib_dataloader(),
-        device,
-        cfg.paths.cache_dir,
-        calib_fp,
-        datamodule.eval_transform_description(),
-    )
+    if cfg.calibrate.unlabelled:
+        probs, labels = unlabelled_probs(members, datamodule, device, cfg)
+    else:
+        probs, labels = split_probs(members, datamodule, "calib", device, cfg.paths.cache_dir)
     criterion = get_criterion(cfg.calibrate.criterion)
     table = StageTable.from_probs(probs, labels, criterion, stage_costs_ms(profile))
-    return CalibrationInputs(members, calib_fp, profile, table)
+    return CalibrationInputs(
+        members, calib_fp, profile, table, labelled=not cfg.calibrate.unlabelled
+    )
+
+
+def unlabelled_probs(members: list[Member], datamodule, device, cfg: DictConfig):
+    """Member outputs on a folder of unlabelled images, labelled by the full ensemble.
+
+    The images are read exactly as ``infer.py input=`` reads them (nested folders, odd
+    modes, bad files reported and skipped). With the full ensemble's answers as labels, a
+    stage is "wrong" exactly where it disagrees with the full ensemble, which is the loss
+    ``calibrate.risk=disagreement`` certifies.
+    """
+    folder = cfg.calibrate.unlabelled
+    paths = find_images(folder)
+    loaded = load_images(paths, members[0].arch.get("in_chans", 3), datamodule.image_transform())
+    for path, reason in loaded.failures:
+        print(f"skipped {path}: {reason}")
+    if not loaded.paths:
+        raise ValueError(f"none of the {len(paths)} image(s) under {folder!r} could be read")
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in loaded.paths]
+    dataset = TensorDataset(loaded.tensors, torch.zeros(len(loaded.paths), dtype=torch.long))
+    probs, _ = ensemble_probs(
+        members,
+        DataLoader(dataset, batch_size=int(datamodule.eval_batch_size)),
+        device,
+        cfg.paths.cache_dir,
+        fingerprint(["unlabelled", *files]),
+        datamodule.eval_transform_description(),
+    )
+    return probs, probs.mean(dim=0).argmax(dim=-1)
 
 
 def _file_state(path: Path) -> tuple:
@@ -148,6 +187,7 @@ def inputs_key(cfg: DictConfig) -> str:
         "latency_profile": c.latency_profile,
         "reprofile": bool(c.reprofile),
         "profile_batch_size": int(c.profile_batch_size),
+        "unlabelled": c.unlabelled,
         "files": [_file_state(p) for p in files],
     }
     return json.dumps(settings, sort_keys=True, default=str)

@@ -21,8 +21,9 @@ class Objective:
     ``lambda``: ``latency/latency_full + λ·(err − err_full)/err_full``. When the full
     ensemble makes no error on the calibration split, ``err_full`` is replaced by one
     sample's worth of error (``1/S``) so the relative term stays finite.
-    ``max_drop``: least latency with ``err − err_full ≤ ε`` (absolute) or ``≤ ε·err_full``
-    (relative). ``budget``: least error with expected latency ``≤ budget_ms``.
+    ``max_drop``: least latency with ``err − err_full ≤ ε`` on the scored samples (an
+    empirical choice that overfits them: calibration certifies with
+    :mod:`flexens.calibration.risk` instead). ``budget``: least error with expected latency ``≤ budget_ms``.
     """
 
     kind: str
@@ -31,7 +32,6 @@ class Objective:
     num_samples: int
     lam: float = 10.0
     max_drop: float = 0.0
-    drop_mode: str = "absolute"
     budget_ms: float = float("inf")
 
     def __post_init__(self) -> None:
@@ -43,10 +43,6 @@ class Objective:
             raise ValueError(f"calibrate.lam must be a finite number >= 0, got {self.lam}")
         if self.max_drop < 0:
             raise ValueError(f"calibrate.max_drop must be >= 0, got {self.max_drop}")
-        if self.drop_mode not in ("absolute", "relative"):
-            raise ValueError(
-                f"unknown drop mode {self.drop_mode!r}; use calibrate.drop_mode=absolute|relative"
-            )
         if not self.budget_ms > 0:
             raise ValueError(f"the latency budget must be > 0 ms, got {self.budget_ms}")
 
@@ -55,8 +51,6 @@ class Objective:
         return max(self.error_full, 1.0 / self.num_samples)
 
     def allowed_error(self) -> float:
-        if self.drop_mode == "relative":
-            return self.error_full * (1.0 + self.max_drop)
         return self.error_full + self.max_drop
 
     def violation(self, latency_ms: np.ndarray, error: np.ndarray) -> np.ndarray:
@@ -84,5 +78,5 @@ class Objective:
         if self.kind == "lambda":
             return f"lambda (λ={self.lam:g})"
         if self.kind == "max_drop":
-            return f"max_drop (ε={self.max_drop:g}, {self.drop_mode})"
+            return f"max_drop (ε={self.max_drop:g})"
         return f"budget ({self.budget_ms:.4g} ms)"

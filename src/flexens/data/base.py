@@ -121,7 +121,9 @@ class EnsembleDataModule(L.LightningDataModule):
         self.setup()
         return Subset(self.train_plain, self.calib_indices.tolist())
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -129,13 +131,18 @@ class EnsembleDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            drop_last=False,
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(
-            Subset(self.train_augmented, self.train_indices.tolist()), self.batch_size, shuffle=True
-        )
+        """Shuffled, augmented training batches.
+
+        A last batch of a single sample is dropped (a different one each epoch): BatchNorm
+        cannot train on one sample, and e.g. 673 images in batches of 16 leave exactly one.
+        """
+        train = Subset(self.train_augmented, self.train_indices.tolist())
+        lone = len(train) % self.batch_size == 1 and len(train) > 1
+        return self._loader(train, self.batch_size, shuffle=True, drop_last=lone)
 
     def val_dataloader(self) -> DataLoader:
         return self.calib_dataloader()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -84,17 +88,27 @@ def create_network(
     """
     hub = pretrained is True or (isinstance(pretrained, str) and not is_weights_file(pretrained))
     if arch == "small_cnn":
-        net = SmallConvNet(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        net = _construct(
+            arch,
+            lambda: SmallConvNet(num_classes=num_classes, in_chans=in_chans, **kwargs),
+            kwargs,
+        )
     elif arch == "alexnet":
         if in_chans != 3:
             raise ValueError(
                 f"alexnet takes 3-channel images, this data has {in_chans}; pick another model="
             )
-        net = torchvision.models.alexnet(num_classes=num_classes, **kwargs)
+        net = _construct(
+            arch, lambda: torchvision.models.alexnet(num_classes=num_classes, **kwargs), kwargs
+        )
     elif timm.is_model(arch):
         if hub:
             return _timm_from_hub(arch, pretrained, num_classes, in_chans, **kwargs)
-        net = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        net = _construct(
+            arch,
+            lambda: timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, **kwargs),
+            kwargs,
+        )
     else:
         raise ValueError(
             f"unknown model architecture {arch!r}; use small_cnn, alexnet or a timm model name "
@@ -110,6 +124,63 @@ def create_network(
     return net
 
 
+_UNEXPECTED = re.compile(r"(?:([\w.]+)\.__init__\(\) |^)got an unexpected keyword argument '(\w+)'")
+_NOT_LISTED = {"self", "num_classes", "in_chans", "pretrained", "device", "dtype"}
+"""Constructor arguments that flexens sets itself (or that place tensors), not model.kwargs."""
+
+
+def _unexpected_kwarg(err: TypeError, kwargs: dict) -> str | None:
+    """The model.kwargs key a constructor refused, or None for any other TypeError."""
+    match = _UNEXPECTED.search(str(err))
+    return match.group(2) if match and match.group(2) in kwargs else None
+
+
+def _network_class(arch: str, err: TypeError) -> type | None:
+    """The class whose constructor refused the kwarg: ours, torchvision's AlexNet, or timm's."""
+    if arch == "small_cnn":
+        return SmallConvNet
+    if arch == "alexnet":
+        return torchvision.models.AlexNet
+    match = _UNEXPECTED.search(str(err))
+    if not match or not match.group(1):
+        return None
+    try:  # timm: the class lives in the module of the model's entry point
+        module = importlib.import_module(timm.models.model_entrypoint(arch).__module__)
+    except Exception:
+        return None
+    found = getattr(module, match.group(1).rsplit(".", 1)[-1], None)
+    return found if isinstance(found, type) else None
+
+
+def _kwarg_error(arch: str, err: TypeError, kwargs: dict) -> ValueError:
+    """One line: which model.kwargs key the architecture refused, what it does accept."""
+    bad = _unexpected_kwarg(err, kwargs)
+    cls = _network_class(arch, err)
+    accepted = ""
+    if cls is not None:
+        params = inspect.signature(cls).parameters.values()
+        names = [
+            p.name
+            for p in params
+            if p.name not in _NOT_LISTED and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        accepted = f" ({cls.__name__} accepts: {', '.join(names) or 'none'})"
+    return ValueError(
+        f"model.kwargs.{bad} is not an argument of the {arch!r} architecture{accepted}; "
+        f"remove model.kwargs.{bad} or rename it to one of those"
+    )
+
+
+def _construct(arch: str, build: Callable[[], nn.Module], kwargs: dict) -> nn.Module:
+    """``build()``, with a constructor's refusal of a model.kwargs key as a one-line error."""
+    try:
+        return build()
+    except TypeError as err:
+        if _unexpected_kwarg(err, kwargs) is None:
+            raise
+        raise _kwarg_error(arch, err, kwargs) from None
+
+
 def _timm_from_hub(
     arch: str, tag: str | bool, num_classes: int, in_chans: int, **kwargs
 ) -> nn.Module:
@@ -119,6 +190,10 @@ def _timm_from_hub(
         return timm.create_model(
             name, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs
         )
+    except TypeError as err:  # timm builds the network before it fetches: a bad model.kwargs
+        if _unexpected_kwarg(err, kwargs) is None:
+            raise
+        raise _kwarg_error(arch, err, kwargs) from None
     except Exception as err:  # timm/huggingface_hub raise many types when the hub is unreachable
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise ConnectionError(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import shutil
 import time
 from pathlib import Path
 
 import pytorch_lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
@@ -15,15 +19,41 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from flexens.artifacts import fingerprint, write_text
 from flexens.members.distributed import ddp_member_scope
 from flexens.members.module import MemberModule
-from flexens.members.registry import member_path, save_member
+from flexens.members.record import OLD_SUFFIX, convert_command
+from flexens.members.registry import (
+    load_member,
+    member_path,
+    publish_member,
+    record_path,
+    weights_bytes,
+)
 from flexens.reporting.loggers import build_logger, close_logger, log_config, run_dir
 
 log = logging.getLogger(__name__)
 
 
+SET_BY_FLEXENS = ("arch", "num_classes", "in_chans", "pretrained")
+"""Keys of the architecture spec that come from elsewhere than ``model.kwargs``."""
+
+
 def member_arch(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
     """The architecture spec stored with the member, enough to rebuild it anywhere."""
-    kwargs = OmegaConf.to_container(cfg.model.get("kwargs") or {}, resolve=True)
+    kwargs = cfg.model.get("kwargs")
+    if kwargs is None:
+        kwargs = {}
+    elif OmegaConf.is_dict(kwargs):  # an empty DictConfig is falsy: test it by type, not truth
+        kwargs = OmegaConf.to_container(kwargs, resolve=True)
+    else:
+        raise ValueError(
+            f"model.kwargs must map constructor arguments to values, got {kwargs!r}; "
+            "e.g. +model.kwargs.drop_rate=0.1"
+        )
+    taken = [k for k in SET_BY_FLEXENS if k in kwargs]
+    if taken:
+        raise ValueError(
+            f"model.kwargs.{taken[0]} is set by flexens (model.arch, model.pretrained, and the "
+            f"data's classes and channels); remove model.kwargs.{taken[0]}"
+        )
     return {
         "arch": str(cfg.model.arch),
         "num_classes": num_classes,
@@ -51,27 +81,157 @@ def training_recipe(cfg: DictConfig) -> dict:
     return recipe
 
 
+def _warn(message: str) -> None:
+    log.warning(message)
+    print(f"warning: {message}")
+
+
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why Lightning could not resume from ``path``, or None when it loads as a checkpoint.
+
+    Loaded as Lightning loads it (``weights_only``: tensors and plain data, no code).
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, empty, garbage: whatever torch says about it
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0] if lines else ''}"
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return "not a Lightning checkpoint"
+    return None
+
+
 def resumable_checkpoint(work_dir: Path, recipe_id: str, force: bool) -> Path | None:
-    """``last.ckpt`` of an interrupted run of the same recipe; anything else starts afresh."""
+    """``last.ckpt`` of an interrupted run of the same recipe; anything else starts afresh.
+
+    An unreadable ``last.ckpt`` is set aside beside the work folder
+    (``.work/seed=<n>.last.ckpt.corrupt``) and the member starts from scratch.
+    """
     stamp = work_dir / "recipe.txt"
     last = work_dir / "last.ckpt"
     if last.exists() and not force and stamp.exists() and stamp.read_text() == recipe_id:
-        log.info("resuming from %s", last)
-        print(f"resuming from {last}")
-        return last
+        problem = unreadable_checkpoint(last)
+        if problem is None:
+            log.info("resuming from %s", last)
+            print(f"resuming from {last}")
+            return last
+        aside = work_dir.parent / f"{work_dir.name}.last.ckpt.corrupt"
+        os.replace(last, aside)
+        _warn(
+            f"the resume checkpoint {last} is unreadable ({problem}); set it aside as "
+            f"{aside} and training from scratch"
+        )
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     write_text(stamp, recipe_id)
     return None
 
 
+def refuse_untrained(cfg: DictConfig) -> None:
+    """A run that cannot take a training step would publish random weights: refuse it."""
+    for key in ("max_epochs", "max_steps"):
+        if cfg.trainer.get(key) == 0:
+            raise ValueError(
+                f"trainer.{key}=0 would publish an untrained member; train at least one "
+                f"{key.removeprefix('max_')[:-1]} (e.g. trainer.{key}=1)"
+            )
+
+
+def recipe_differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipes (nested dicts compared per key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        return [
+            d
+            for k in keys
+            for d in recipe_differences(old.get(k, _UNSET), new.get(k, _UNSET), f"{prefix}{k}.")
+        ]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+_UNSET = object()
+
+
+def _show(recipe: dict, key: str) -> str:
+    value = recipe
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "unset"
+        value = value[part]
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def finished_member(out: Path, recipe: dict, seed: int) -> bool:
+    """Whether ``out`` is a complete, valid member of this recipe (then training skips it).
+
+    A member without a valid record (interrupted, damaged) is unfinished: a warning, and it
+    is retrained. A finished member of another recipe is a one-line error, never kept
+    silently under the new settings.
+    """
+    if not out.exists() and out.with_suffix(OLD_SUFFIX).exists():
+        old = out.with_suffix(OLD_SUFFIX)
+        raise ValueError(
+            f"{old} is an old pickled member, which flexens never loads; convert it "
+            f"({convert_command(out.parent)}) or retrain it: train.force=true"
+        )
+    if not out.exists() and not record_path(out).exists():
+        return False
+    try:
+        member = load_member(out)
+    except (ValueError, FileNotFoundError) as err:
+        _warn(f"{out.name} is not a finished member ({err.args[0]}); retraining it")
+        return False
+    stored = member.meta.get("recipe")
+    if stored is None:
+        raise ValueError(
+            f"{out} records no training recipe (converted from an old checkpoint), so this run "
+            "cannot tell whether it matches; retrain it: train.force=true, or train another "
+            "ensemble: ensemble.name=<new name>"
+        )
+    differing = recipe_differences(stored, json.loads(json.dumps(recipe)))
+    if differing:
+        shown = ", ".join(
+            f"{k}: {_show(stored, k)} -> {_show(recipe, k)}" for k in differing[:4]
+        ) + (f" and {len(differing) - 4} more" if len(differing) > 4 else "")
+        raise ValueError(
+            f"seed={seed} is already trained in {out.parent} with another recipe ({shown}); "
+            "retrain it with train.force=true, or train a separate ensemble: "
+            "ensemble.name=<new name>"
+        )
+    return True
+
+
+def member_seed(value) -> int:
+    """``seed`` as a whole number >= 0 (seeds start at 0), or a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {value!r}; e.g. seed=0")
+    return value
+
+
 def train_member(cfg: DictConfig) -> Path:
-    seed = int(cfg.seed)
+    """Train, check and publish one member, unless an identical one is already finished."""
+    seed = member_seed(cfg.seed)
     out = member_path(cfg.paths.members_dir, seed)
-    if out.exists() and not cfg.train.force:
+    refuse_untrained(cfg)
+    recipe = training_recipe(cfg)
+    if not cfg.train.force and finished_member(out, recipe, seed):
         log.info("member %s already trained; skipping (train.force=true retrains it)", out)
         print(f"skipped (exists): {out}")
         return out
+    logger = build_logger(cfg, run_dir(cfg), name=f"{cfg.ensemble.name}-seed{seed}")
+    status = "failed"
+    try:
+        log_config(logger, cfg)
+        fit_and_publish(cfg, seed, recipe, out, logger)
+        status = "success"
+    finally:
+        close_logger(logger, status)
+    return out
+
+
+def fit_and_publish(cfg: DictConfig, seed: int, recipe: dict, out: Path, logger) -> None:
+    """Fit (resuming an interrupted run of the same recipe); publish only a sound member."""
     L.seed_everything(seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
@@ -84,14 +244,11 @@ def train_member(cfg: DictConfig) -> Path:
         channels_last=cfg.train.channels_last,
         compile=cfg.train.compile,
     )
-    recipe = training_recipe(cfg)
     work_dir = Path(cfg.paths.members_dir) / ".work" / f"seed={seed}"
     resume = resumable_checkpoint(work_dir, fingerprint([recipe]), bool(cfg.train.force))
     callbacks = [ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=1, monitor=None)]
     if cfg.train.progress_bar:
         callbacks.append(RichProgressBar())
-    logger = build_logger(cfg, run_dir(cfg), name=f"{cfg.ensemble.name}-seed{seed}")
-    log_config(logger, cfg)
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -102,24 +259,34 @@ def train_member(cfg: DictConfig) -> Path:
     with ddp_member_scope(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     train_time = time.perf_counter() - start
-    if trainer.is_global_zero:
-        meta = {
-            "seed": seed,
-            "ensemble": str(cfg.ensemble.name),
-            "data": datamodule.describe(),
-            "num_classes": datamodule.num_classes,
-            "class_names": datamodule.class_names,
-            "calib_fingerprint": datamodule.calib_fingerprint(),
-            "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan"))),
-            "epochs": int(trainer.current_epoch),
-            "train_time_s": round(train_time, 2),
-            "recipe": recipe,
-            "recipe_fingerprint": fingerprint([recipe]),
-        }
-        save_member(out, module.net, arch, meta)
+    if trainer.global_step == 0:
         shutil.rmtree(work_dir, ignore_errors=True)
-        print(
-            f"member: {out} (calibration-split accuracy {meta['val_acc']:.4f}, {train_time:.1f} s)"
+        raise ValueError(
+            f"seed={seed} took no training step (check trainer.limit_train_batches, "
+            "trainer.max_steps and the training split); no member written"
         )
-    close_logger(logger)
-    return out
+    if not trainer.is_global_zero:
+        return
+    val_acc = float(trainer.callback_metrics.get("val/acc", float("nan")))
+    meta = {
+        "seed": seed,
+        "ensemble": str(cfg.ensemble.name),
+        "data": datamodule.describe(),
+        "num_classes": datamodule.num_classes,
+        "class_names": [str(c) for c in datamodule.class_names],
+        "calib_fingerprint": datamodule.calib_fingerprint(),
+        "val_acc": val_acc if math.isfinite(val_acc) else None,
+        "epochs": int(trainer.current_epoch),
+        "train_time_s": round(train_time, 2),
+        "recipe": recipe,
+        "recipe_fingerprint": fingerprint([recipe]),
+    }
+    try:
+        weights = weights_bytes(module.net.state_dict(), out.name)
+    except ValueError:
+        shutil.rmtree(work_dir, ignore_errors=True)  # resuming would only diverge again
+        raise
+    publish_member(out, weights, arch, meta)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    accuracy = "n/a" if meta["val_acc"] is None else f"{meta['val_acc']:.4f}"
+    print(f"member: {out} (calibration-split accuracy {accuracy}, {train_time:.1f} s)")

@@ -7,7 +7,9 @@ share a W&B group named after the sweep, so a seed or λ sweep reads as one unit
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -36,6 +38,24 @@ def run_group(cfg: DictConfig) -> str:
     return group
 
 
+REACH_TIMEOUT_S = 5.0
+"""How long an online W&B run may wait for its server before flexens logs offline."""
+
+
+def wandb_host() -> tuple[str, int]:
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+
+
+def wandb_reachable() -> bool:
+    """Whether a TCP connection to the W&B server opens in time (no run ever waits longer)."""
+    try:
+        socket.create_connection(wandb_host(), timeout=REACH_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
 def build_logger(cfg: DictConfig, run_dir: str | Path, name: str) -> Logger | None:
     if cfg.get("logger") is None:
         return None
@@ -43,6 +63,13 @@ def build_logger(cfg: DictConfig, run_dir: str | Path, name: str) -> Logger | No
     target = str(logger_cfg.get("_target_", ""))
     if target.endswith("WandbLogger"):
         os.environ.setdefault("WANDB_SILENT", "true")
+        if not logger_cfg.get("offline", True) and not wandb_reachable():
+            host, port = wandb_host()
+            print(
+                f"warning: the W&B server {host}:{port} is not reachable within "
+                f"{REACH_TIMEOUT_S:g} s; logging offline instead (sync later with `wandb sync`)"
+            )
+            logger_cfg["offline"] = True
         if logger_cfg.get("offline", True):
             os.environ["WANDB_MODE"] = "offline"
         logger_cfg.update(
@@ -70,14 +97,15 @@ def log_table(logger: Logger | None, key: str, columns: list[str], rows: list[li
         logger.log_table(key=key, columns=columns, data=rows)
 
 
-def close_logger(logger: Logger | None) -> None:
-    """Finish the run so the next job of a multirun (same process) starts a fresh one."""
+def close_logger(logger: Logger | None, status: str = "success") -> None:
+    """Finish the run, marked ``success`` or ``failed``, so the next job of a multirun (same
+    process) starts a fresh one and never logs into this one."""
     if logger is None:
         return
-    logger.finalize("success")
+    logger.finalize(status)
     if isinstance(logger, WandbLogger):
         import wandb
 
-        wandb.finish()
+        wandb.finish(exit_code=0 if status == "success" else 1)
     elif isinstance(logger, CSVLogger):
         logger.save()

@@ -52,6 +52,8 @@ PROCEDURES = {
     "empirical per-stage search (uncertified)": ("empirical", "drop"),
     "shared threshold, fixed-sequence": ("shared", "drop"),
     "Pareto testing, per-stage": ("pareto", "drop"),
+    "net drop, shared threshold": ("shared", "net_drop"),
+    "net drop, Pareto testing": ("pareto", "net_drop"),
     "disagreement (label-free), Pareto testing": ("pareto", "disagreement"),
 }
 
@@ -146,6 +148,7 @@ def plot(summary: dict, path: Path) -> None:
     ax_v.axhline(DELTA, color="k", ls="--", lw=1, label=f"δ = {DELTA}")
     for ax in (ax_v, ax_m):
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(eps_pp, [f"{e:g}" for e in eps_pp])
         ax.set_xlabel("promised accuracy loss ε (pp)")
         ax.grid(alpha=0.3)
@@ -234,9 +237,9 @@ def main() -> None:
         raise SystemExit(f"--calibration must be below the pool's {table.num_samples} images")
     grid = make_grid(args.grid_step)
     work = [(table, seed, args, grid) for seed in range(args.repeats)]
-    if args.jobs > 1:  # splits are independent; the pooled table is shared by fork
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            splits = pool.starmap(one_split, work)
+    if args.jobs > 1:  # independent splits; spawn, since fork after torch threads can hang
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as workers:
+            splits = workers.starmap(one_split, work)
     else:
         splits = [one_split(*w) for w in work]
     results = Path(args.results)

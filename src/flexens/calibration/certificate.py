@@ -53,12 +53,13 @@ def certified_thresholds(
 def fallback_reason(front: list[dict], epsilon: float, basis: dict) -> str:
     """Why no halting point was certified: too few samples, or too many losses seen."""
     n, delta, what = basis["num_samples"], basis["delta"], RISK_NAMES[basis["risk"]]
-    needed = samples_needed(epsilon, delta)
+    level = delta / 2 if basis["risk"] == "net_drop" else delta  # its loss bound gets δ/2
+    needed = samples_needed(epsilon, level)
     if n < needed:
         return (
             f"n = {n:,} tested samples are too few to certify {what} ≤ {pp(epsilon)} at "
             f"{1 - delta:.0%} confidence: the smallest ε they can certify is "
-            f"{pp(smallest_certifiable_epsilon(n, delta))}, and {pp(epsilon)} needs at "
+            f"{pp(smallest_certifiable_epsilon(n, level))}, and {pp(epsilon)} needs at "
             f"least {needed:,}; serving the full ensemble"
         )
     least = pp(front[1]["certified_epsilon"]) if len(front) > 1 else "none"

@@ -46,13 +46,17 @@ from flexens.calibration.pareto import ParetoCollector
 from flexens.calibration.search import ThresholdSearch, simulate_exits
 from flexens.calibration.simulate import StageTable
 
-RISKS = ("drop", "disagreement")
+RISKS = ("drop", "net_drop", "disagreement")
 PROCEDURES = ("shared", "pareto")
 PROCEDURE_NAMES = {
     "shared": "fixed-sequence, shared threshold",
     "pareto": "Pareto testing, per-stage thresholds",
 }
-RISK_NAMES = {"drop": "accuracy loss", "disagreement": "disagreement with the full ensemble"}
+RISK_NAMES = {
+    "drop": "accuracy loss",
+    "net_drop": "accuracy loss",
+    "disagreement": "disagreement with the full ensemble",
+}
 
 FRONT_WEIGHTS = tuple(float(w) for w in np.geomspace(0.1, 1000.0, 25))
 """Weights ``w`` of ``latency/latency_full + w·loss`` traced to build the Pareto-testing
@@ -79,6 +83,13 @@ def binomial_upper_bound(losses: int | np.ndarray, n: int, delta: float) -> np.n
     return np.where(losses >= n, 1.0, bound)
 
 
+def binomial_lower_bound(successes: int | np.ndarray, n: int, delta: float) -> np.ndarray:
+    """Clopper–Pearson lower confidence bound at level ``1 − δ`` of a binomial rate."""
+    k = np.asarray(successes, dtype=np.float64)
+    bound = stats.beta.ppf(delta, np.maximum(k, 1e-300), n - k + 1.0)
+    return np.where(k <= 0, 0.0, bound)
+
+
 def fixed_sequence_rejections(p_values: np.ndarray, delta: float) -> int:
     """How many hypotheses fixed-sequence testing rejects: it stops at the first ``p > δ``."""
     above = np.flatnonzero(np.asarray(p_values) > delta)
@@ -97,13 +108,17 @@ def samples_needed(epsilon: float, delta: float) -> int:
 
 # -- losses ----------------------------------------------------------------------------------
 def loss_table(table: StageTable, risk: str) -> StageTable:
-    """``table`` with its errors replaced by the risk's losses (``correct`` = no loss)."""
-    if risk == "drop":
+    """``table`` with its errors replaced by the risk's losses (``correct`` = no loss).
+
+    ``net_drop`` counts only the losses here (wrong where full is right); its certificate
+    subtracts a lower bound of the gains (right where full is wrong), see :func:`certify`.
+    """
+    if risk in ("drop", "net_drop"):
         loss = ~table.correct & table.correct[-1:]
     elif risk == "disagreement":
         loss = table.predictions != table.predictions[-1:]
     else:
-        raise ValueError(f"unknown risk {risk!r}; use calibrate.risk=drop|disagreement")
+        raise ValueError(f"unknown risk {risk!r}; use calibrate.risk=" + "|".join(RISKS))
     return dataclasses.replace(table, correct=~loss)
 
 
@@ -140,7 +155,7 @@ def pareto_candidates(
     d = losses.num_members - 1
     full_ms = float(losses.cumulative_cost_ms[-1])
     front = ParetoCollector(d)
-    front.add_points(np.ones((1, d)), np.array([full_ms]), np.array([0.0]))
+    front.add_points(np.ones((1, d)), np.array([full_ms]), np.array([losses.full().error]))
     # An exhaustive search scores every threshold set, so one weight yields the whole front.
     exhaustive = len(grid) ** d <= max_exhaustive_evals
     for w in FRONT_WEIGHTS[:1] if exhaustive else FRONT_WEIGHTS:
@@ -197,7 +212,7 @@ def certify(
     losses = loss_table(table, risk)
     d = table.num_members - 1
     if procedure == "shared":
-        tested = losses
+        tested, tested_table = losses, table
         candidates = shared_candidates(grid, d)
     else:
         if not 0 < opt_fraction < 1:
@@ -209,10 +224,24 @@ def certify(
                 f"{table.num_samples} calibration samples are too few to split for Pareto "
                 "testing; use calibrate.procedure=shared"
             )
-        candidates = pareto_candidates(subset(losses, order[:n_opt]), grid, max_exhaustive_evals)
-        tested = subset(losses, order[n_opt:])
+        ranked = table if risk == "net_drop" else losses  # net drop ranks like plain error
+        candidates = pareto_candidates(subset(ranked, order[:n_opt]), grid, max_exhaustive_evals)
+        tested, tested_table = subset(losses, order[n_opt:]), subset(table, order[n_opt:])
     counts = loss_counts(tested, candidates)
-    bounds = binomial_upper_bound(counts, tested.num_samples, delta)
+    if risk == "net_drop":
+        # accuracy drop = P(loss) − P(gain) ≤ upper(loss, δ/2) − lower(gain, δ/2), both
+        # bounds holding together with probability ≥ 1 − δ (union bound)
+        right = tested_table.correct
+        gains = dataclasses.replace(tested_table, correct=~(right & ~right[-1:]))
+        gain_counts = loss_counts(gains, candidates)
+        n = tested.num_samples
+        bounds = binomial_upper_bound(counts, n, delta / 2) - binomial_lower_bound(
+            gain_counts, n, delta / 2
+        )
+        bounds = np.maximum(bounds, 0.0)
+        counts = counts - gain_counts
+    else:
+        bounds = binomial_upper_bound(counts, tested.num_samples, delta)
     return CertifiedPath(
         risk=risk,
         procedure=procedure,

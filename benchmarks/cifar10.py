@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import overhead  # noqa: E402
 
-from flexens.artifacts import write_json, write_text  # noqa: E402
+from flexens.artifacts import replace_marked_section, write_json, write_text  # noqa: E402
 from flexens.calibration.cache import split_probs  # noqa: E402
 from flexens.calibration.run import calibrate  # noqa: E402
 from flexens.calibration.simulate import StageTable  # noqa: E402
@@ -498,17 +498,6 @@ def targets(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks_md(path: Path, section: str) -> None:
-    """Replace the generated CIFAR-10 section of BENCHMARKS.md, keeping the rest."""
-    begin, end = "<!-- cifar10:begin -->", "<!-- cifar10:end -->"
-    text = path.read_text() if path.exists() else f"{begin}\n{end}\n"
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    tail = rest.split(end, 1)[1]
-    write_text(path, f"{head}{begin}\n{section}{end}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--members", type=int, default=5)
@@ -539,7 +528,7 @@ def main() -> None:
     section = markdown(result, command, elapsed) + "\n" + targets(result)
     write_text(results / "cifar10_table.md", section)
     if not args.quick:
-        update_benchmarks_md(ROOT / "BENCHMARKS.md", section)
+        replace_marked_section(ROOT / "BENCHMARKS.md", "cifar10", section)
     print(section)
     print(f"results: {results / 'cifar10.json'}")
 

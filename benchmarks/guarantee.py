@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
 
-from flexens.artifacts import write_json, write_text  # noqa: E402
+from flexens.artifacts import replace_marked_section, write_json  # noqa: E402
 from flexens.calibration.cache import split_probs  # noqa: E402
 from flexens.calibration.objectives import Objective  # noqa: E402
 from flexens.calibration.risk import certified_front, certify, pick_certified, subset  # noqa: E402
@@ -200,15 +200,6 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks_md(path: Path, section: str) -> None:
-    begin, end = "<!-- guarantee:begin -->", "<!-- guarantee:end -->"
-    text = path.read_text()
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    write_text(path, f"{head}{begin}\n{section}{end}{rest.split(end, 1)[1]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", default="cifar10")
@@ -261,7 +252,7 @@ def main() -> None:
     command = "python benchmarks/guarantee.py" + (" --quick" if args.quick else "")
     section = markdown(result, command)
     if not args.quick:
-        update_benchmarks_md(ROOT / "BENCHMARKS.md", section)
+        replace_marked_section(ROOT / "BENCHMARKS.md", "guarantee", section)
     print(section)
     print(f"results: {results / 'guarantee.json'}")
 

@@ -157,3 +157,16 @@ def test_guarantee_benchmark_writes_its_table(tmp_path):
         assert all(0 <= r["violation_rate"] <= 1 and 1 <= r["avg_members"] <= 3 for r in rows)
     assert (tmp_path / "results" / "guarantee.png").read_bytes()[:4] == b"\x89PNG"
     assert "| procedure | ε (pp) | violation rate |" in result.stdout
+
+
+def test_a_generated_section_replaces_only_its_own_markers(tmp_path):
+    from flexens.artifacts import replace_marked_section
+
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("intro\n<!-- a:begin -->\nold\n<!-- a:end -->\nprose\n")
+    replace_marked_section(doc, "a", "new\n")
+    replace_marked_section(doc, "b", "added\n")
+    assert doc.read_text() == (
+        "intro\n<!-- a:begin -->\nnew\n<!-- a:end -->\nprose\n\n<!-- b:begin -->\nadded\n"
+        "<!-- b:end -->\n"
+    )

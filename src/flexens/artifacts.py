@@ -64,3 +64,16 @@ def fingerprint(parts: Iterable[Any]) -> str:
         digest.update(repr(part).encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
+
+
+def replace_marked_section(path: str | Path, name: str, section: str) -> Path:
+    """Rewrite the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path``
+    (appending the markers when missing), keeping the rest: generated tables in hand-written
+    documents such as BENCHMARKS.md."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    return write_text(path, f"{head}{begin}\n{section}{end}{rest.split(end, 1)[1]}")

@@ -12,7 +12,9 @@ any of them (the cheapest, say) keeps the promise.
   against the full ensemble: ``drop`` = the running answer is wrong where the full ensemble
   is right (needs labels); ``disagreement`` = the running answer differs from the full
   ensemble's (needs no labels, and bounds the drop too). The last stage *is* the full
-  ensemble, so its loss is 0 for both.
+  ensemble, so its loss is 0 for both. ``net_drop`` (the default) certifies the drop
+  itself, ``P(loss) − P(gain)`` (a gain: right where the full ensemble is wrong), by an
+  upper bound of the first minus a lower bound of the second, each at δ/2.
 * **p-values.** With binary losses the exact binomial tail is valid:
   ``p = P(Binom(n, ε) ≤ k)`` for ``k`` losses in ``n`` samples (tighter than
   Hoeffding–Bentkus, which LTT needs only for non-binary losses). Its inverse in ε is the

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
@@ -96,3 +97,24 @@ def make_image_tree(
                 image = image.quantize(16) if mode == "P" else image.convert(mode)
                 image.save(folder / f"img{i}{suffix}", format="PNG" if suffix == ".png" else "JPEG")
     return root
+
+
+@pytest.fixture
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """One thread, and no trace of in-process runs left for the tests after these.
+
+    Toy tensors gain nothing from threads, and on a busy 2-core machine a second OpenMP
+    thread that waits for a core makes every op ~40x slower; child processes inherit this.
+    ``seed_everything`` in an in-process run exports its seed for Lightning's child processes.
+    """
+    from flexens.calibration import inputs as calibration_inputs
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.setenv(key, "0")
+        monkeypatch.delenv(key)  # so teardown removes what train_member sets
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    calibration_inputs._last = None  # let the members of the last calibration go

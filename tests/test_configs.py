@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import ROOT, make_image_tree, run_script
-from flexens.calibration import inputs as calibration_inputs
 from flexens.calibration.run import calibrate
 from flexens.cli import run as cli_run
 from flexens.inference import infer
@@ -76,27 +75,11 @@ pytestmark = [
     pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/\w+' is validated against"),
     # train.py stamps the recipe into the checkpoint folder before Lightning's first save
     pytest.mark.filterwarnings(r"ignore:Checkpoint directory .* exists and is not empty"),
+    pytest.mark.usefixtures("one_thread"),  # conftest: one thread, no calibration left behind
 ]
 
 
 # -- fixtures and helpers ------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """One thread, and no trace of the in-process runs left for the tests after these.
-
-    Toy tensors gain nothing from threads, and on a busy 2-core machine a second OpenMP
-    thread that waits for a core makes every op ~40x slower; child processes inherit this.
-    ``seed_everything`` in an in-process run exports its seed for Lightning's child processes.
-    """
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
-        monkeypatch.setenv(key, "0")
-        monkeypatch.delenv(key)  # so teardown removes what train_member sets
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    calibration_inputs._last = None  # let the members of the last calibration go
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,6 @@ from safetensors.torch import save as save_safetensors
 
 from conftest import ROOT, run_script
 from flexens.artifacts import fingerprint
-from flexens.calibration import inputs as calibration_inputs
 from flexens.calibration.schema import THRESHOLDS_FORMAT
 from flexens.cli import run as cli_run
 from flexens.inference import load_calibrated_members
@@ -52,21 +51,10 @@ TINY = [
 EVAL = ["data=digits", "model.kwargs.width=8", "device=cpu"]
 FIXES = ("retrain", "train.py", "copy", "convert", "recalibrate", "train.force")
 
-pytestmark = pytest.mark.filterwarnings(r"ignore:Checkpoint directory .* exists and is not empty")
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch):
-    """One thread on a shared 2-core machine; no in-process calibration left behind."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
-        monkeypatch.setenv(key, "0")
-        monkeypatch.delenv(key)  # so teardown removes what train_member sets
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    calibration_inputs._last = None
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore:Checkpoint directory .* exists and is not empty"),
+    pytest.mark.usefixtures("one_thread"),  # conftest: one thread, no calibration left behind
+]
 
 
 # -- helpers --------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ def unlabelled_probs(members: list[Member], datamodule, device, cfg: DictConfig)
         print(f"skipped {path}: {reason}")
     if not loaded.paths:
         raise ValueError(f"none of the {len(paths)} image(s) under {folder!r} could be read")
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in loaded.paths]
+    stats = [(p, p.stat()) for p in loaded.paths]
+    files = [(str(p), st.st_size, st.st_mtime_ns) for p, st in stats]
     dataset = TensorDataset(loaded.tensors, torch.zeros(len(loaded.paths), dtype=torch.long))
     probs, _ = ensemble_probs(
         members,

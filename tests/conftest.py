@@ -107,7 +107,7 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
     thread that waits for a core makes every op ~40x slower; child processes inherit this.
     ``seed_everything`` in an in-process run exports its seed for Lightning's child processes.
     """
-    from flexens.calibration import inputs as calibration_inputs
+    from flexens.calibration import loading as calibration_inputs
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):

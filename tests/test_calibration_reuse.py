@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
-from flexens.calibration import inputs as inputs_module
-from flexens.calibration.inputs import calibration_inputs
+from flexens.calibration import loading as inputs_module
+from flexens.calibration.loading import calibration_inputs
 from flexens.calibration.run import calibrate
 from flexens.reporting import plots
 

@@ -30,7 +30,7 @@ from flexens.calibration.pareto import select_point
 from flexens.calibration.risk import pick_certified
 from flexens.calibration.schema import read_thresholds
 from flexens.ensemble import FlexibleEnsembleModule
-from flexens.inputs import find_images, load_images
+from flexens.images import find_images, load_images
 from flexens.latency import device_name, resolve_device, synchronize
 from flexens.members.registry import Member, load_member
 from flexens.reporting.loggers import build_logger, close_logger, log_config, log_table, run_dir

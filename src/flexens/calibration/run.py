@@ -19,7 +19,7 @@ from flexens.calibration.certificate import (
     certified_thresholds,
     uncertified,
 )
-from flexens.calibration.inputs import CalibrationInputs, calibration_inputs
+from flexens.calibration.loading import CalibrationInputs, calibration_inputs
 from flexens.calibration.objectives import Objective
 from flexens.calibration.pareto import ParetoCollector
 from flexens.calibration.risk import PROCEDURES, RISKS, CertifiedPath, certified_front, certify

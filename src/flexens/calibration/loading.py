@@ -25,7 +25,7 @@ from flexens.calibration.cache import ensemble_probs, split_probs
 from flexens.calibration.schema import read_profile
 from flexens.calibration.simulate import StageTable
 from flexens.halting import get_criterion
-from flexens.inputs import find_images, load_images
+from flexens.images import find_images, load_images
 from flexens.latency import latency_profile, resolve_device, stage_costs_ms
 from flexens.members.registry import Member, find_member_paths, load_ensemble
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from flexens.inputs import IMAGE_SUFFIXES, find_images, load_images, to_model_mode
+from flexens.images import IMAGE_SUFFIXES, find_images, load_images, to_model_mode
 
 SIZE = 32
 

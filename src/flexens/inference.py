@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +29,22 @@ from flexens.calibration.pareto import select_point
 from flexens.calibration.risk import pick_certified
 from flexens.calibration.schema import read_thresholds
 from flexens.ensemble import FlexibleEnsembleModule
+from flexens.fused import FusedMembers, can_fuse
 from flexens.images import find_images, load_images
-from flexens.latency import device_name, resolve_device, synchronize
+from flexens.latency import (
+    device_name,
+    expected_throughput,
+    measure_configurations,
+    reach_fractions,
+    resolve_device,
+)
 from flexens.members.registry import Member, load_member
 from flexens.reporting.loggers import build_logger, close_logger, log_config, log_table, run_dir
 
 log = logging.getLogger(__name__)
 
-GAP_WARNING = 0.20
-"""Flag measured batch-1 latency that differs from the calibration's expectation by more."""
+GAP_WARNING = 0.15
+"""Flag measured latency or throughput that differs from the latency model's by more."""
 
 
 def load_calibrated_members(cfg: DictConfig) -> tuple[list[Member], dict]:
@@ -148,35 +154,49 @@ def uncertified_point(calibration: dict, accuracy: float, certificate: dict) -> 
 
 def measure_latency(
     module: FlexibleEnsembleModule,
+    modes: list[str],
     singles: torch.Tensor,
     stream: torch.Tensor,
     batch_size: int,
     device: torch.device,
-    warmup: int,
-) -> dict:
-    """Median and p90 ms per image at batch 1, and images/s at the serving batch size."""
-    singles, stream = singles.to(device), stream.to(device)
-    with torch.inference_mode():
-        for i in range(warmup):
-            module(singles[i % len(singles)][None])
-        times = np.empty(len(singles))
-        for i in range(len(singles)):
-            synchronize(device)
-            start = time.perf_counter()
-            module(singles[i : i + 1])
-            synchronize(device)
-            times[i] = time.perf_counter() - start
-        module(stream[:batch_size])
-        synchronize(device)
-        start = time.perf_counter()
-        for batch in stream.split(batch_size):
-            module(batch)
-        synchronize(device)
-        total = time.perf_counter() - start
+    warmup: int = 10,
+    rounds: int = 5,
+) -> dict[str, dict]:
+    """Mean (and p50/p90/p99) ms per image at batch 1 and images/s at the serving batch of
+    each mode, plus the fused full ensemble when the members share one architecture: all
+    interleaved, each at its best thread count (:func:`flexens.latency.measure_configurations`)."""
+    members = list(module.members)
+    fns = {}
+    for mode in modes:
+        twin = FlexibleEnsembleModule(
+            members,
+            module.thresholds,
+            module.criterion_name,
+            mode=mode,
+            first_k=module.first_k,
+            channels_last=module.channels_last,
+        )
+        fns[mode] = twin
+    if can_fuse(members):
+        fns[FUSED_FULL] = FusedMembers(members).to(device).full
+    return measure_configurations(fns, singles, stream, batch_size, device, rounds, warmup)
+
+
+FUSED_FULL = "full_fused"
+"""The full ensemble as one ``vmap`` call (:class:`flexens.fused.FusedMembers`)."""
+
+
+def fastest_full(results: dict) -> dict:
+    """Which full ensemble is the baseline: the fastest at batch 1 and at the serving batch
+    (sequential ``full`` or ``full_fused``, each already at its best thread count)."""
+    fulls = [m for m in ("full", FUSED_FULL) if results.get(m, {}).get("latency_mean_ms")]
+    latency = min(fulls, key=lambda m: results[m]["latency_mean_ms"])
+    throughput = max(fulls, key=lambda m: results[m]["throughput_img_s"])
     return {
-        "latency_ms_per_image": float(np.median(times) * 1e3),
-        "latency_p90_ms": float(np.quantile(times, 0.9) * 1e3),
-        "throughput_img_s": float(len(stream) / total),
+        "latency": latency,
+        "latency_mean_ms": results[latency]["latency_mean_ms"],
+        "throughput": throughput,
+        "throughput_img_s": results[throughput]["throughput_img_s"],
     }
 
 
@@ -246,7 +266,9 @@ def infer(cfg: DictConfig) -> dict:
             "full": calibration["calibration"]["full"]["expected_latency_ms"],
             "flexible": expected_flexible_ms,
         }
-        results, sizes = compare_modes(cfg, module, datamodule, device, expected)
+        results, sizes = compare_modes(
+            cfg, module, datamodule, device, expected, calibration["latency_profile"]
+        )
         per_sample = results[cfg.infer.mode].pop("_per_sample")
         for r in results.values():
             r.pop("_per_sample", None)
@@ -264,7 +286,7 @@ def infer(cfg: DictConfig) -> dict:
         write_json(run / "metrics.json", metrics)
         columns, rows = per_sample_rows(per_sample, members[0].meta["class_names"])
         write_csv(run / "predictions.csv", columns, rows)
-        print_table(results)
+        print_table(results, sizes["baseline"])
         print(f"metrics: {run / 'metrics.json'}")
         if logger is not None:
             logger.log_metrics(
@@ -284,9 +306,15 @@ def infer(cfg: DictConfig) -> dict:
 
 
 def compare_modes(
-    cfg: DictConfig, module: FlexibleEnsembleModule, datamodule, device, expected: dict
+    cfg: DictConfig,
+    module: FlexibleEnsembleModule,
+    datamodule,
+    device,
+    expected: dict,
+    profile: dict | None = None,
 ) -> tuple[dict, dict]:
-    """Accuracy and measured latency of the configured mode, ``full`` and the oracle."""
+    """Accuracy of the configured mode, ``full`` and the oracle; measured latency of the
+    first two and of the fused full ensemble against the fastest full one."""
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -299,35 +327,55 @@ def compare_modes(
     n_stream = min(int(cfg.infer.throughput_images), len(test))
     singles = torch.stack([test[i][0] for i in range(n_single)])
     stream = torch.stack([test[i][0] for i in range(n_stream)])
+    modes = list(dict.fromkeys([cfg.infer.mode, "full"]))
     results = {}
-    for mode in dict.fromkeys([cfg.infer.mode, "full", "oracle"]):
+    for mode in [*modes, "oracle"]:  # the oracle needs every member: no latency to claim
         module.set_mode(mode, cfg.infer.first_k)
         results[mode] = evaluate_mode(trainer, module, datamodule.test_dataloader())
-        if mode == "oracle":  # the oracle needs every member's output: no latency to claim
-            continue
-        module.to(device)
-        timing = measure_latency(
-            module, singles, stream, int(cfg.infer.batch_size), device, int(cfg.infer.warmup)
-        )
-        results[mode].update(timing)
-        if mode in expected:
-            results[mode]["expected_latency_ms"] = expected[mode]
-            gap = timing["latency_ms_per_image"] / expected[mode] - 1.0
-            results[mode]["latency_gap"] = gap
-            if abs(gap) > GAP_WARNING:
-                print(
-                    f"warning: {mode} measured {timing['latency_ms_per_image']:.3f} ms/image, "
-                    f"{gap:+.0%} off the calibration's expected {expected[mode]:.3f} ms "
-                    "(an estimate from the calibration's latency profile)"
-                )
     module.set_mode(cfg.infer.mode, cfg.infer.first_k)
+    batch_size, warmup = int(cfg.infer.batch_size), int(cfg.infer.warmup)
+    timings = measure_latency(module, modes, singles, stream, batch_size, device, warmup)
+    if FUSED_FULL in timings:  # same arithmetic as full, to float rounding
+        results[FUSED_FULL] = {k: results["full"][k] for k in ("accuracy", "avg_members")}
+    for name, timing in timings.items():
+        results[name].update(timing)
+    baseline = fastest_full(results)
+    for name in timings:
+        add_expectations(name, results[name], expected, profile, baseline)
     sizes = {
         "test_samples": len(test),
         "latency_images": n_single,
         "throughput_images": n_stream,
         "batch_size": int(cfg.infer.batch_size),
+        "baseline": baseline,
     }
     return results, sizes
+
+
+def add_expectations(
+    mode: str, result: dict, expected: dict, profile: dict | None, baseline: dict
+) -> None:
+    """Speed-ups against the fastest full ensemble, and the latency model's predictions
+    next to what was measured (a warning when they are far apart)."""
+    result["speedup_latency"] = baseline["latency_mean_ms"] / result["latency_mean_ms"]
+    result["speedup_throughput"] = result["throughput_img_s"] / baseline["throughput_img_s"]
+    if mode in expected:
+        result["expected_latency_ms"] = expected[mode]
+        result["latency_gap"] = result["latency_mean_ms"] / expected[mode] - 1.0
+    if profile is not None and "exit_histogram" in result and mode != FUSED_FULL:
+        exits = np.repeat(np.arange(len(result["exit_histogram"])), result["exit_histogram"])
+        reach = reach_fractions(exits, len(result["exit_histogram"]))
+        result["expected_throughput_img_s"] = expected_throughput(profile, reach)
+        result["throughput_gap"] = (
+            result["throughput_img_s"] / result["expected_throughput_img_s"] - 1.0
+        )
+    for key, what in (("latency_gap", "mean batch-1 latency"), ("throughput_gap", "throughput")):
+        if abs(result.get(key, 0.0)) > GAP_WARNING:
+            print(
+                f"warning: {mode}'s measured {what} is {result[key]:+.0%} off the latency "
+                "profile's prediction (a busy machine, or a stale profile: "
+                "calibrate.reprofile=true)"
+            )
 
 
 def per_sample_rows(per_sample: dict, class_names: list[str]) -> tuple[list[str], list[list]]:
@@ -389,13 +437,28 @@ def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
     write_text(path, buffer.getvalue())
 
 
-def print_table(results: dict) -> None:
-    print(f"{'mode':<10} {'accuracy':>9} {'members':>8} {'ms/image':>9} {'p90 ms':>8} {'img/s':>9}")
+def print_table(results: dict, baseline: dict | None = None) -> None:
+    """Mean batch-1 latency is the headline (the paper's metric); speed-ups are against the
+    fastest full ensemble, named below the table."""
+    print(
+        f"{'mode':<11} {'accuracy':>9} {'members':>8} {'mean ms':>8} {'p50':>7} {'p90':>7} "
+        f"{'p99':>7} {'img/s':>8} {'thr':>4} {'expect ms':>9} {'speed-up':>9}"
+    )
     for mode, r in results.items():
-        lat = r.get("latency_ms_per_image")
+        lat = r.get("latency_mean_ms")
         cells = (
-            f"{lat:>9.3f} {r['latency_p90_ms']:>8.3f} {r['throughput_img_s']:>9.1f}"
+            f"{lat:>8.3f} {r['latency_p50_ms']:>7.3f} {r['latency_p90_ms']:>7.3f} "
+            f"{r['latency_p99_ms']:>7.3f} {r['throughput_img_s']:>8.1f} "
+            f"{r['threads_batch1']:>2}/{r['threads_batched']:<1} "
+            f"{r.get('expected_latency_ms', float('nan')):>9.3f} "
+            f"{r['speedup_latency']:>5.2f}×/{r['speedup_throughput']:.2f}×"
             if lat is not None
-            else f"{'-':>9} {'-':>8} {'-':>9}"
+            else " " * 8 + "-"
         )
-        print(f"{mode:<10} {r['accuracy']:>9.4f} {r['avg_members']:>8.3f} {cells}")
+        print(f"{mode:<11} {r['accuracy']:>9.4f} {r['avg_members']:>8.3f} {cells}")
+    if baseline:
+        print(
+            f"full = fastest full ensemble: {baseline['latency']} at batch 1, "
+            f"{baseline['throughput']} at the serving batch (each at its best thread count; "
+            "thr = threads at batch 1 / serving batch; speed-up = batch 1 / serving batch)"
+        )

@@ -1,23 +1,46 @@
-"""Wall-clock profiling on the target device: warm-up, repeats, CUDA synchronisation.
+"""Wall-clock profiling on the target device, and the latency model built from it.
 
 The expected latency of a threshold set is ``Σ_k P(reach stage k) · t_k`` with ``t_k`` the
 member's batch-1 latency plus the metareasoner's own per-stage cost (averaging and the
-criterion). Profiles carry the device name, so a profile measured on one machine can be
-loaded to calibrate for it on another.
+criterion). That model is only as good as the ``t_k`` it is fed, and wall clocks on a shared
+machine drift and spike. So every figure here comes from one timer (:func:`timed_call`),
+contenders are timed *interleaved* in rounds (a slow phase hits all of them alike), the
+statistic is the median over rounds, and repeats stop as soon as that median is stable or
+the time budget is spent. Members of one architecture do the same arithmetic, so their
+costs must agree: one that does not is measured again, and replaced by its twins' median
+with a warning if it still disagrees. Thread count changes a small network's cost by 2× on
+a CPU, so it is chosen per batch size and recorded with the device, the batch size and the
+torch version; a profile measured under other conditions is stale and measured again.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 import platform
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from flexens.calibration.schema import PROFILE_FORMAT
+from flexens.fused import FusedMembers, architecture_key, can_fuse
 from flexens.halting import Criterion, running_mean
+
+OUTLIER_TOLERANCE = 0.25
+"""Members of one architecture whose costs differ from their twins' median by more than
+this fraction are measured again (then replaced by that median, with a warning)."""
+QUICK_CHECK_TOLERANCE = 0.30
+"""A stored profile whose batch-1 ensemble cost is further than this from a quick
+re-measurement is stale."""
+FUSED_MIN_GAIN = 0.05
+"""Fused continuation is used only where the model expects it at least this much cheaper."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -39,6 +62,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
+    """The processor's model name; thread counts are recorded separately."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or "cpu"
@@ -48,14 +72,11 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    return cpu
 
 
 def machine_info(device: torch.device | None = None) -> dict:
     """Where figures come from: timings are only comparable on the same machine."""
-    import datetime
-    import os
-
     return {
         "device": device_name(device or torch.device("cpu")),
         "cpu_count": os.cpu_count(),
@@ -66,46 +87,236 @@ def machine_info(device: torch.device | None = None) -> dict:
     }
 
 
+# -- the one timer -------------------------------------------------------------------------
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn``, synchronised before and after: every timing in
+    flexens (profile, ``infer.py``, benchmarks) is a list of these."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_calls(
     fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
 ) -> np.ndarray:
-    """Seconds per call of ``fn`` after ``warmup`` untimed calls, synchronised each time."""
+    """Seconds per call of ``fn`` after ``warmup`` untimed calls."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        synchronize(device)
-        times = np.empty(repeats)
-        for i in range(repeats):
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[i] = time.perf_counter() - start
+        return np.array([timed_call(fn, device) for _ in range(repeats)])
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> dict[str, np.ndarray]:
+    """Seconds per call of each function, one call each per round in a fresh random order:
+    drifting machine load, and whatever one call leaves behind for the next (caches, the
+    allocator), hit every contender alike."""
+    device = device or torch.device("cpu")
+    names = list(fns)
+    rng = np.random.default_rng(seed)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                fns[name]()
+        for _ in range(rounds):
+            for i in rng.permutation(len(names)):
+                times[names[i]].append(timed_call(fns[names[i]], device))
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def relative_error(times: np.ndarray) -> float:
+    """Standard error of the median relative to the median (normal approximation, MAD as a
+    robust spread): the stopping rule of :func:`adaptive_interleaved`."""
+    if len(times) < 2:
+        return float("inf")
+    median = float(np.median(times))
+    mad = 1.4826 * float(np.median(np.abs(times - median)))
+    return 1.2533 * mad / np.sqrt(len(times)) / max(median, 1e-12)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a measurement may take: rounds stop when every contender's median is
+    within ``rel_error`` (see :func:`relative_error`) or ``seconds`` are spent."""
+
+    seconds: float = 4.0
+    rel_error: float = 0.03
+    min_rounds: int = 2
+    max_rounds: int = 200
+
+
+def adaptive_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    budget: Budget,
+    label: str = "",
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """:func:`interleaved` one round at a time until the medians are stable or the budget
+    would be overrun by one more round, with a progress line on stderr (twice a second)."""
+    times = {name: np.empty(0) for name in fns}
+    start = shown = time.perf_counter()
+    interleaved(fns, rounds=0, warmup=1, device=device)
+    for r in range(budget.max_rounds):
+        round_start = time.perf_counter()
+        one = interleaved(fns, rounds=1, warmup=0, seed=seed + r, device=device)
+        times = {name: np.append(times[name], one[name]) for name in fns}
+        worst = max(relative_error(t) for t in times.values())
+        now = time.perf_counter()
+        if label and now - shown > 0.5:
+            shown = now
+            print(
+                f"\rprofiling {label}: round {r + 1}, ±{min(worst, 9.99):.0%}, {now - start:.0f} s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        over = now - start + (now - round_start) > budget.seconds
+        if r + 1 >= budget.min_rounds and (worst <= budget.rel_error or over):
+            break
+    if label and shown > start:
+        print(file=sys.stderr)
     return times
 
 
-def profile_member(
-    network: nn.Module,
+def summarize(times: np.ndarray, images_per_call: int = 1) -> dict:
+    """The latency figures of one configuration, ms per call: the mean (the paper's
+    metric, and the one an exit distribution's cost model predicts) with p50/p90/p99."""
+    ms = np.asarray(times) * 1e3
+    return {
+        "latency_mean_ms": float(ms.mean()),
+        "latency_p50_ms": float(np.quantile(ms, 0.5)),
+        "latency_p90_ms": float(np.quantile(ms, 0.9)),
+        "latency_p99_ms": float(np.quantile(ms, 0.99)),
+        "throughput_img_s": float(images_per_call * len(ms) / max(ms.sum() / 1e3, 1e-12)),
+    }
+
+
+# -- threads ---------------------------------------------------------------------------------
+def thread_candidates(device: torch.device) -> list[int]:
+    """Intra-op thread counts worth trying: one, and what torch would use (a GPU: as is)."""
+    if device.type != "cpu":
+        return [torch.get_num_threads()]
+    return sorted({1, torch.get_num_threads()})
+
+
+@contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` intra-op threads, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- the profile -----------------------------------------------------------------------------
+def architecture_id(network: nn.Module) -> str:
+    """A short name for a network's architecture: members sharing it must cost the same."""
+    import hashlib
+
+    return hashlib.sha256(repr(architecture_key(network)).encode()).hexdigest()[:12]
+
+
+def outliers(costs: Sequence[float], archs: Sequence[str], tolerance: float) -> list[int]:
+    """Members whose cost is off their same-architecture twins' median by > ``tolerance``."""
+    costs, archs = np.asarray(costs, dtype=float), np.asarray(archs)
+    flagged = []
+    for arch in dict.fromkeys(archs.tolist()):
+        group = np.flatnonzero(archs == arch)
+        if len(group) < 2:
+            continue
+        median = float(np.median(costs[group]))
+        flagged += [int(i) for i in group if abs(costs[i] / median - 1.0) > tolerance]
+    return flagged
+
+
+def twin_median(costs: np.ndarray, archs: Sequence[str], index: int) -> float:
+    same = [c for c, a in zip(costs, archs, strict=True) if a == archs[index]]
+    return float(np.median(same))
+
+
+def member_costs(
+    networks: Sequence[nn.Module],
+    x: torch.Tensor,
+    device: torch.device,
+    budget: Budget,
+    label: str,
+) -> tuple[np.ndarray, list[dict]]:
+    """Median ms per image of each member on ``x``, interleaved; disagreeing twins are
+    measured again, then replaced by their twins' median with a warning."""
+    archs = [architecture_id(n) for n in networks]
+    fns = {str(i): (lambda net=net: net(x)) for i, net in enumerate(networks)}
+
+    def measure(seed: int) -> np.ndarray:
+        times = adaptive_interleaved(fns, device, budget, label, seed=seed)
+        return np.array([np.median(times[str(i)]) * 1e3 / len(x) for i in range(len(fns))])
+
+    costs = measure(0)
+    if outliers(costs, archs, OUTLIER_TOLERANCE):
+        costs = measure(1)
+    replaced = []
+    for i in outliers(costs, archs, OUTLIER_TOLERANCE):
+        twin = twin_median(costs, archs, i)
+        print(
+            f"warning: member {i} measured {costs[i]:.3f} ms/image at batch {len(x)} with "
+            f"{torch.get_num_threads()} threads, its same-architecture twins {twin:.3f}, twice; "
+            "using theirs (a busy machine?)"
+        )
+        replaced.append({"member": i, "batch": len(x), "measured_ms": float(costs[i])})
+        costs[i] = twin
+    return costs, replaced
+
+
+def fused_suffix_ms(
+    fused: FusedMembers, one: torch.Tensor, device: torch.device, budget: Budget
+) -> list[float]:
+    """Batch-1 ms of running members ``k..N-1`` fused, for ``k = 0..N-2``."""
+    fns = {str(k): (lambda k=k: fused(one, k)) for k in range(fused.num_members - 1)}
+    times = adaptive_interleaved(fns, device, budget, "fused members, batch 1")
+    return [float(np.median(times[str(k)]) * 1e3) for k in range(fused.num_members - 1)]
+
+
+def profile_at_threads(
+    networks: Sequence[nn.Module],
     example: torch.Tensor,
     batch_size: int,
     device: torch.device,
-    warmup: int = 5,
-    repeats: int = 30,
+    budget: Budget,
 ) -> dict:
-    """Median ms per image at batch size 1 and at the serving batch size."""
-    network = network.to(device).eval()
+    """Members at batch 1 and at the serving batch (and fused suffixes at batch 1), at the
+    current thread count."""
+    threads = torch.get_num_threads()
     one = example[:1].to(device)
     batch = example[:1].expand(batch_size, *example.shape[1:]).contiguous().to(device)
-    t1 = time_calls(lambda: network(one), device, warmup, repeats)
-    tb = time_calls(lambda: network(batch), device, max(1, warmup // 2), max(3, repeats // 3))
+    b1, replaced1 = member_costs(networks, one, device, budget, f"batch 1, {threads} thr")
+    bb, replaced_b = member_costs(
+        networks, batch, device, budget, f"batch {batch_size}, {threads} thr"
+    )
+    fused = (
+        fused_suffix_ms(FusedMembers(networks).to(device), one, device, budget)
+        if can_fuse(networks)
+        else None
+    )
     return {
-        "batch1_ms": float(np.median(t1) * 1e3),
-        "batch1_p90_ms": float(np.quantile(t1, 0.9) * 1e3),
-        "batched_ms_per_image": float(np.median(tb) * 1e3 / batch_size),
+        "batch1_ms": b1.tolist(),
+        "batched_ms_per_image": bb.tolist(),
+        "fused_batch1_ms": fused,
+        "replaced": replaced1 + replaced_b,
     }
 
 
@@ -132,25 +343,211 @@ def latency_profile(
     device: torch.device,
     criterion: Criterion,
     num_classes: int,
+    seconds: float = 24.0,
 ) -> dict:
-    with torch.inference_mode():  # first calls pay for allocator and thread-pool start-up
-        for net in networks:
-            for _ in range(3):
-                net.to(device).eval()(example[:1].to(device))
+    """Every member's cost at batch 1 and at ``batch_size`` for each candidate thread count,
+    within about ``seconds``; the thread count that makes the ensemble cheapest is chosen
+    per batch size and its costs are the members' ``batch1_ms``/``batched_ms_per_image``."""
+    start = time.perf_counter()
+    networks = [n.to(device).eval() for n in networks]
+    candidates = thread_candidates(device)
+    budget = Budget(seconds=seconds / (3 * len(candidates)))
+    by_threads = {}
+    for threads in candidates:
+        with num_threads(threads):
+            by_threads[str(threads)] = profile_at_threads(
+                networks, example, batch_size, device, budget
+            )
+    best = {
+        key: min(by_threads, key=lambda t, key=key: sum(by_threads[t][key]))
+        for key in ("batch1_ms", "batched_ms_per_image")
+    }
+    archs = [architecture_id(n) for n in networks]
     members = [
-        {"sha256": h, **profile_member(net, example, batch_size, device)}
-        for net, h in zip(networks, member_hashes, strict=True)
+        {
+            "sha256": h,
+            "arch": archs[i],
+            "batch1_ms": by_threads[best["batch1_ms"]]["batch1_ms"][i],
+            "batched_ms_per_image": by_threads[best["batched_ms_per_image"]][
+                "batched_ms_per_image"
+            ][i],
+        }
+        for i, h in enumerate(member_hashes)
     ]
+    with num_threads(int(best["batch1_ms"])):
+        overhead = profile_overhead(criterion, num_classes, device)
     return {
+        "format": PROFILE_FORMAT,
         "device": device_name(device),
         "device_type": device.type,
+        "torch": torch.__version__,
+        "thread_candidates": candidates,
+        "threads": {"batch1": int(best["batch1_ms"]), "batched": int(best["batched_ms_per_image"])},
         "batch_size": batch_size,
         "input_shape": list(example.shape[1:]),
+        "statistic": "median of interleaved rounds",
         "members": members,
-        "overhead_ms": profile_overhead(criterion, num_classes, device),
+        "fused_batch1_ms": by_threads[best["batch1_ms"]]["fused_batch1_ms"],
+        "by_threads": by_threads,
+        "overhead_ms": overhead,
+        "profiling_s": time.perf_counter() - start,
+        "measured_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 
 
-def stage_costs_ms(profile: dict) -> np.ndarray:
-    """Per-stage cost at batch 1: the member plus the halting bookkeeping."""
-    return np.array([m["batch1_ms"] + profile["overhead_ms"] for m in profile["members"]])
+# -- the latency model -----------------------------------------------------------------------
+def stage_costs_ms(profile: dict, fuse_from: int | None = None) -> np.ndarray:
+    """Per-stage cost at batch 1: the member plus the halting bookkeeping.
+
+    With ``fuse_from = f`` the samples that reach stage ``f`` run members ``f..N-1`` in one
+    fused call and then pay nothing more: stage ``f`` costs the fused suffix and the
+    bookkeeping of every remaining stage, later stages cost 0. The simulation's cumulative
+    costs then price every exit exactly as the fused path executes it.
+    """
+    overhead = profile["overhead_ms"]
+    costs = np.array([m["batch1_ms"] + overhead for m in profile["members"]])
+    if fuse_from is None:
+        return costs
+    n = len(costs)
+    costs[fuse_from] = profile["fused_batch1_ms"][fuse_from] + (n - fuse_from) * overhead
+    costs[fuse_from + 1 :] = 0.0
+    return costs
+
+
+def reach_fractions(exit_stage: np.ndarray, num_members: int) -> np.ndarray:
+    """Fraction of samples that run stage ``k``, from their (0-based) exit stages."""
+    exit_stage = np.asarray(exit_stage)
+    return np.array([(exit_stage >= k).mean() for k in range(num_members)])
+
+
+def expected_latency_ms(profile: dict, reach: np.ndarray, fuse_from: int | None = None) -> float:
+    """``Σ_k P(reach k) · t_k``: expected batch-1 ms per input."""
+    return float(np.dot(reach, stage_costs_ms(profile, fuse_from)))
+
+
+def expected_throughput(profile: dict, reach: np.ndarray) -> float:
+    """Images/s at the serving batch: each member runs on the samples that reach it."""
+    batched = np.array([m["batched_ms_per_image"] for m in profile["members"]])
+    return 1e3 / float(np.dot(reach, batched))
+
+
+def best_fuse_from(profile: dict, reach: np.ndarray) -> int | None:
+    """The stage after which fused continuation makes the expected batch-1 latency lowest,
+    or None when the sequential loop is as cheap (within :data:`FUSED_MIN_GAIN`)."""
+    if not profile.get("fused_batch1_ms"):
+        return None
+    sequential = expected_latency_ms(profile, reach)
+    options = {f: expected_latency_ms(profile, reach, f) for f in range(1, len(reach) - 1)}
+    if not options:
+        return None
+    f = min(options, key=options.get)
+    return f if options[f] < (1.0 - FUSED_MIN_GAIN) * sequential else None
+
+
+# -- staleness ---------------------------------------------------------------------------------
+def profile_problems(
+    profile: dict, device: torch.device, batch_size: int, input_shape: Sequence[int]
+) -> list[str]:
+    """Why a stored profile does not describe this machine and setting (empty: it does)."""
+    if profile.get("format") != PROFILE_FORMAT:
+        return [f"it has format {profile.get('format')!r}, this flexens writes {PROFILE_FORMAT!r}"]
+    expected = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "thread_candidates": thread_candidates(device),
+        "batch_size": int(batch_size),
+        "input_shape": list(input_shape),
+    }
+    problems = [
+        f"{key} was {profile.get(key)!r}, now {value!r}"
+        for key, value in expected.items()
+        if profile.get(key) != value
+    ]
+    members = profile["members"]
+    archs = [m.get("arch", "") for m in members]
+    for key in ("batch1_ms", "batched_ms_per_image"):
+        bad = outliers([m[key] for m in members], archs, OUTLIER_TOLERANCE)
+        problems += [f"member {i}'s {key} disagrees with its same-architecture twins" for i in bad]
+    return problems
+
+
+def quick_check(
+    profile: dict,
+    networks: Sequence[nn.Module],
+    example: torch.Tensor,
+    device: torch.device,
+    seconds: float = 1.5,
+) -> str | None:
+    """Time the members at batch 1 for a moment: a problem line when their summed cost is
+    off the profile's by more than :data:`QUICK_CHECK_TOLERANCE`, else None."""
+    one = example[:1].to(device)
+    fns = {str(i): (lambda net=net: net(one)) for i, net in enumerate(networks)}
+    with num_threads(profile["threads"]["batch1"]):
+        times = adaptive_interleaved(fns, device, Budget(seconds=seconds, rel_error=0.05))
+    measured = sum(float(np.median(t)) * 1e3 for t in times.values())
+    stored = sum(m["batch1_ms"] for m in profile["members"])
+    if abs(measured / stored - 1.0) <= QUICK_CHECK_TOLERANCE:
+        return None
+    return f"the members now take {measured:.2f} ms at batch 1, the profile says {stored:.2f} ms"
+
+
+# -- measuring configurations against each other ----------------------------------------------
+def time_rounds(
+    fns: dict[str, Callable[[torch.Tensor], object]],
+    inputs: Sequence[torch.Tensor],
+    device: torch.device,
+    rounds: int,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Seconds per input of each configuration: ``inputs`` is cut into ``rounds`` slices,
+    and each round runs every configuration over its slice in a fresh random order."""
+    names = list(fns)
+    rng = np.random.default_rng(seed)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    per_round = max(1, -(-len(inputs) // rounds))
+    with torch.inference_mode():
+        for name in names:  # warm-up: allocator, thread pool, first-call paths
+            for i in range(warmup):
+                fns[name](inputs[i % len(inputs)])
+        for r in range(0, len(inputs), per_round):
+            for i in rng.permutation(len(names)):
+                fn = fns[names[i]]
+                times[names[i]] += [
+                    timed_call(lambda x=x, fn=fn: fn(x), device) for x in inputs[r : r + per_round]
+                ]
+    return {n: np.array(t) for n, t in times.items()}
+
+
+def measure_configurations(
+    fns: dict[str, Callable[[torch.Tensor], object]],
+    singles: torch.Tensor,
+    stream: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    rounds: int = 5,
+    warmup: int = 10,
+) -> dict[str, dict]:
+    """Batch-1 latency (mean, p50/p90/p99) and serving-batch throughput of each
+    configuration at each candidate thread count, interleaved; each configuration is
+    reported at its best thread count for each batch size (recorded as ``threads_*``)."""
+    singles, stream = singles.to(device), stream.to(device)
+    ones, batches = list(singles.split(1)), list(stream.split(batch_size))
+    per_threads = {}
+    for threads in thread_candidates(device):
+        with num_threads(threads):
+            per_threads[threads] = (
+                time_rounds(fns, ones, device, rounds, warmup),
+                time_rounds(fns, batches, device, min(rounds, len(batches))),
+            )
+    results = {}
+    for name in fns:
+        t1 = min(per_threads, key=lambda t: per_threads[t][0][name].mean())
+        tb = min(per_threads, key=lambda t: per_threads[t][1][name].sum())
+        results[name] = {
+            **summarize(per_threads[t1][0][name]),
+            "throughput_img_s": len(stream) / float(per_threads[tb][1][name].sum()),
+            "threads_batch1": t1,
+            "threads_batched": tb,
+        }
+    return results

@@ -22,11 +22,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flexens.artifacts import fingerprint, write_json
 from flexens.calibration.cache import ensemble_probs, split_probs
-from flexens.calibration.schema import read_profile
+from flexens.calibration.schema import (
+    PROFILE_FIX,
+    PROFILE_FORMAT,
+    read_json_file,
+    read_profile,
+)
 from flexens.calibration.simulate import StageTable
 from flexens.halting import get_criterion
 from flexens.images import find_images, load_images
-from flexens.latency import latency_profile, resolve_device, stage_costs_ms
+from flexens.latency import (
+    latency_profile,
+    profile_problems,
+    quick_check,
+    resolve_device,
+    stage_costs_ms,
+)
 from flexens.members.registry import Member, find_member_paths, load_ensemble
 
 
@@ -85,33 +96,81 @@ def stored_profile_path(cfg: DictConfig, device) -> Path:
 
 
 def load_or_measure_profile(cfg: DictConfig, members: list[Member], datamodule, device) -> dict:
-    """A profile given by ``calibrate.latency_profile``, a matching stored one, or a fresh one."""
+    """A profile given by ``calibrate.latency_profile``, a matching stored one, or a fresh one.
+
+    A stored profile is measured again (with a one-line note) when it is stale: another
+    format, device, torch, thread choice, batch size or input shape, twins that disagree, or
+    a quick batch-1 re-measurement that is far off. A given profile is taken as it is (it
+    may describe another machine).
+    """
     hashes = [m.sha256 for m in members]
-    given = cfg.calibrate.latency_profile
+    c = cfg.calibrate
+    given = c.latency_profile
     stored = stored_profile_path(cfg, device)
     path = Path(given) if given else stored
+    example = datamodule.calib_set[0][0].unsqueeze(0)
+    batch_size = int(cfg.calibrate.profile_batch_size)
     if path.exists() and (given or not cfg.calibrate.reprofile):
-        profile = read_profile(path)
-        by_hash = {m["sha256"]: m for m in profile["members"]}
-        if set(hashes) <= set(by_hash):
-            return {**profile, "members": [by_hash[h] for h in hashes], "source": str(path)}
+        profile = stored_profile(
+            path,
+            members,
+            device,
+            example,
+            batch_size,
+            check=None if given else bool(c.profile_check),
+        )
+        if profile is not None:
+            return profile
+    profile = latency_profile(
+        [m.network for m in members],
+        hashes,
+        example,
+        batch_size,
+        device,
+        get_criterion(cfg.calibrate.criterion),
+        members[0].num_classes,
+        seconds=float(c.profile_seconds),
+    )
+    write_json(stored, profile)
+    return {**profile, "source": "measured"}
+
+
+def stored_profile(
+    path: Path, members: list[Member], device, example, batch_size: int, check: bool | None
+) -> dict | None:
+    """The profile in ``path`` for these members, or None (with a note) when it is stale.
+
+    ``check`` None: the profile was given (it may describe another machine), so it is taken
+    as it is; False skips only the quick re-measurement.
+    """
+    given = check is None
+    hashes = [m.sha256 for m in members]
+    if (
+        not given
+        and read_json_file(path, "latency profile", PROFILE_FIX).get("format") != PROFILE_FORMAT
+    ):
+        print(f"note: {path} was written by an older flexens; measuring the members again")
+        return None
+    profile = read_profile(path)
+    by_hash = {m["sha256"]: m for m in profile["members"]}
+    if not set(hashes) <= set(by_hash):
         if given:
             raise ValueError(
                 f"latency profile {str(path)!r} was measured for other members; "
                 "measure one for these checkpoints or drop calibrate.latency_profile"
             )
-    example = datamodule.calib_set[0][0].unsqueeze(0)
-    profile = latency_profile(
-        [m.network for m in members],
-        hashes,
-        example,
-        int(cfg.calibrate.profile_batch_size),
-        device,
-        get_criterion(cfg.calibrate.criterion),
-        members[0].num_classes,
-    )
-    write_json(stored, profile)
-    return {**profile, "source": "measured"}
+        return None
+    profile = {**profile, "members": [by_hash[h] for h in hashes], "source": str(path)}
+    if given:
+        return profile
+    problems = profile_problems(profile, device, batch_size, example.shape[1:])
+    problem = problems[0] if problems else None
+    if check and problem is None:
+        problem = quick_check(profile, [m.network for m in members], example, device)
+    if problem:
+        print(f"note: {path} is stale ({problem}); measuring the members again")
+        return None
+    return profile
 
 
 def read_inputs(cfg: DictConfig) -> CalibrationInputs:
@@ -187,6 +246,7 @@ def inputs_key(cfg: DictConfig) -> str:
         "criterion": str(c.criterion),
         "latency_profile": c.latency_profile,
         "reprofile": bool(c.reprofile),
+        "profile_check": bool(c.profile_check),
         "profile_batch_size": int(c.profile_batch_size),
         "unlabelled": c.unlabelled,
         "files": [_file_state(p) for p in files],

@@ -15,6 +15,8 @@ from pathlib import Path
 THRESHOLDS_FORMAT = "flexens-thresholds-v2"
 RECALIBRATE = "recalibrate: python calibrate.py"
 PROFILE_FIX = "delete it to measure again (or drop calibrate.latency_profile)"
+PROFILE_FORMAT = "flexens-latency-profile-v2"
+"""Written by :func:`flexens.latency.latency_profile` (which imports it from here)."""
 
 
 def read_json_file(path: Path, what: str, fix: str) -> dict:
@@ -88,6 +90,14 @@ def validate_thresholds(data: dict, path: Path) -> dict:
 def validate_profile(data: dict, path: Path) -> dict:
     """A latency profile: per-member batch-1 and batched costs, all finite and positive."""
     what, fix = "latency profile", PROFILE_FIX
+    if data.get("format") != PROFILE_FORMAT:
+        raise ValueError(
+            f"{what} {str(path)!r} has format {data.get('format')!r}, this flexens reads "
+            f"{PROFILE_FORMAT!r} (it records threads and fused costs); {fix}"
+        )
+    threads = _field(data, "threads", dict, path, what, fix)
+    for key in ("batch1", "batched"):
+        _field(threads, key, int, path, f"{what} (threads)", fix)
     members = _field(data, "members", list, path, what, fix)
     _finite_numbers([data.get("overhead_ms")], "overhead_ms", path, what, fix)
     for i, member in enumerate(members):

@@ -15,6 +15,7 @@ import pytorch_lightning as L
 import torch
 from torch import Tensor, nn
 
+from flexens.fused import FusedMembers, FusedTail, can_fuse
 from flexens.halting import (
     Criterion,
     ProbabilityFn,
@@ -79,20 +80,28 @@ def run_full(members: Sequence[nn.Module], x: Tensor) -> Tensor:
 
 
 def run_flexible(
-    members: Sequence[nn.Module], x: Tensor, thresholds: Sequence[float], criterion: Criterion
+    members: Sequence[nn.Module],
+    x: Tensor,
+    thresholds: Sequence[float],
+    criterion: Criterion,
+    tail: FusedTail | None = None,
 ) -> EnsembleOutput:
     """Batched halting: each stage runs only on the samples still undecided.
 
     Every stage writes its running result for all its active samples; samples that go on
     are simply overwritten by a later stage, so no halted subset has to be gathered. One
-    host sync per stage learns who is left.
+    host sync per stage learns who is left. With ``tail`` the samples that reach its first
+    stage run all remaining members in one fused call; the halting arithmetic is unchanged.
     """
     n, batch = len(members), x.shape[0]
+    fns = [probability_fn(m) for m in members]
+    if tail is not None:
+        fns[tail.first :] = tail.functions()
     active = torch.arange(batch, device=x.device)
     exit_stage = torch.full((batch,), n - 1, dtype=torch.long, device=x.device)
     confidence = torch.empty(batch, device=x.device)
     probs_out: Tensor | None = None
-    loop = running_means([probability_fn(m) for m in members], x)
+    loop = running_means(fns, x)
     mean = next(loop)
     for k in range(n):
         conf = criterion(mean)
@@ -107,7 +116,10 @@ def run_flexible(
         if keep.numel() == 0:
             break
         active = active[keep]
-        mean = loop.send(keep if keep.numel() < conf.numel() else None)
+        keep = keep if keep.numel() < conf.numel() else None
+        if tail is not None:
+            tail.narrow(keep)
+        mean = loop.send(keep)
     return EnsembleOutput(probs=probs_out, exit_stage=exit_stage, confidence=confidence)
 
 
@@ -140,11 +152,14 @@ class FlexibleEnsembleModule(L.LightningModule):
         mode: str = "flexible",
         first_k: int | None = None,
         channels_last: bool = False,
+        fuse_from: int | None = None,
     ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members).eval()
+        self.fused: FusedMembers | None = None
+        self.set_fuse_from(fuse_from)
         self.criterion_name = criterion
         self.criterion = get_criterion(criterion)
         self.channels_last = channels_last
@@ -158,6 +173,25 @@ class FlexibleEnsembleModule(L.LightningModule):
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         # Plain Python floats: reading them in the loop costs no device sync.
         self.thresholds = [float(t) for t in validate_thresholds(thresholds, self.num_members)]
+
+    def set_fuse_from(self, fuse_from: int | None) -> None:
+        """Fused continuation after stage ``fuse_from - 1`` (None: members one by one).
+
+        Off by default: it pays only where the latency profile says so
+        (:func:`flexens.latency.best_fuse_from`), and needs members of one architecture.
+        """
+        if fuse_from is not None:
+            if not 1 <= fuse_from <= self.num_members - 2:
+                raise ValueError(
+                    f"fuse_from must be in 1..{self.num_members - 2} (members left to fuse), "
+                    f"got {fuse_from}"
+                )
+            if not can_fuse(list(self.members)):
+                raise ValueError("fused continuation needs members of one architecture")
+            if self.fused is None:
+                device = next(self.members.parameters()).device
+                self.fused = FusedMembers(list(self.members)).to(device)
+        self.fuse_from = fuse_from
 
     def set_mode(self, mode: str, first_k: int | None = None) -> None:
         if mode not in MODES:
@@ -175,7 +209,8 @@ class FlexibleEnsembleModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         members = list(self.members)
         if self.mode == "flexible":
-            return run_flexible(members, x, self.thresholds, self.criterion)
+            tail = None if self.fuse_from is None else FusedTail(self.fused, self.fuse_from)
+            return run_flexible(members, x, self.thresholds, self.criterion, tail)
         if self.mode == "oracle":
             return run_oracle(members, x, self.criterion)
         used = members if self.mode == "full" else members[: self.first_k]

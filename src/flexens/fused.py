@@ -16,11 +16,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from flexens.halting import Criterion, running_mean, should_halt
+from flexens.halting import running_mean
 
 
 def architecture_key(network: nn.Module) -> tuple:
@@ -88,36 +87,27 @@ class FusedMembers(nn.Module):
         return running_mean(prob_sum, self.num_members)
 
 
-def finish_fused(
-    fused: FusedMembers,
-    x: Tensor,
-    prob_sum: Tensor,
-    first: int,
-    thresholds: Sequence[float],
-    criterion: Criterion,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Stages ``first..N-1`` for the samples in ``x`` in one fused call.
+class FusedTail:
+    """Members ``first..N-1`` as the halting loop's probability functions (*fused
+    continuation*): the call for stage ``first`` runs them all in one fused call on the
+    samples that reach it; each later stage hands out its member's rows for the samples
+    still undecided, which :meth:`narrow` tracks as the loop shrinks its batch."""
 
-    ``prob_sum`` is the running sum after stage ``first - 1``. Every remaining member runs
-    on every sample; each sample then answers at the first stage that
-    :func:`~flexens.halting.should_halt` accepts, exactly as the sequential loop would.
-    Returns ``(probs, exit_stage, confidence)`` for these samples.
-    """
-    n = fused.num_members
-    member_probs = fused(x, first)
-    batch = x.shape[0]
-    done = torch.zeros(batch, dtype=torch.bool, device=x.device)
-    probs_out = prob_sum.new_empty(prob_sum.shape)
-    confidence = prob_sum.new_empty(batch)
-    exit_stage = torch.full((batch,), n - 1, dtype=torch.long, device=x.device)
-    for k in range(first, n):
-        prob_sum = prob_sum + member_probs[k - first]
-        mean = running_mean(prob_sum, k + 1)
-        conf = criterion(mean)
-        halt = should_halt(conf, thresholds[k] if k < n - 1 else 0.0, is_last=k == n - 1)
-        now = halt & ~done
-        probs_out[now] = mean[now]
-        confidence[now] = conf[now]
-        exit_stage[now] = k
-        done |= halt
-    return probs_out, exit_stage, confidence
+    def __init__(self, fused: FusedMembers, first: int) -> None:
+        self.fused, self.first = fused, first
+        self.probs: Tensor | None = None
+
+    def functions(self) -> list:
+        """One probability function per remaining stage, for ``running_means``."""
+        return [self._start] + [
+            (lambda x, j=j: self.probs[j]) for j in range(1, self.fused.num_members - self.first)
+        ]
+
+    def _start(self, x: Tensor) -> Tensor:
+        self.probs = self.fused(x, self.first)
+        return self.probs[0]
+
+    def narrow(self, keep: Tensor | None) -> None:
+        """The loop kept rows ``keep`` of its current batch: keep the same rows here."""
+        if keep is not None and self.probs is not None:
+            self.probs = self.probs[:, keep]

@@ -335,6 +335,11 @@ def profile_overhead(
     return float(np.median(time_calls(stage, device, 20, repeats)) * 1e3)
 
 
+def best_threads(by_threads: dict[str, dict], key: str) -> str:
+    """The thread count (a key of ``by_threads``) whose members sum to the least ``key``."""
+    return min(by_threads, key=lambda t: sum(by_threads[t][key]))
+
+
 def latency_profile(
     networks: Sequence[nn.Module],
     member_hashes: Sequence[str],
@@ -344,13 +349,14 @@ def latency_profile(
     criterion: Criterion,
     num_classes: int,
     seconds: float = 24.0,
+    threads: Sequence[int] | None = None,
 ) -> dict:
     """Every member's cost at batch 1 and at ``batch_size`` for each candidate thread count,
     within about ``seconds``; the thread count that makes the ensemble cheapest is chosen
     per batch size and its costs are the members' ``batch1_ms``/``batched_ms_per_image``."""
     start = time.perf_counter()
     networks = [n.to(device).eval() for n in networks]
-    candidates = thread_candidates(device)
+    candidates = list(threads or thread_candidates(device))
     budget = Budget(seconds=seconds / (3 * len(candidates)))
     by_threads = {}
     for threads in candidates:
@@ -358,10 +364,7 @@ def latency_profile(
             by_threads[str(threads)] = profile_at_threads(
                 networks, example, batch_size, device, budget
             )
-    best = {
-        key: min(by_threads, key=lambda t, key=key: sum(by_threads[t][key]))
-        for key in ("batch1_ms", "batched_ms_per_image")
-    }
+    best = {key: best_threads(by_threads, key) for key in ("batch1_ms", "batched_ms_per_image")}
     archs = [architecture_id(n) for n in networks]
     members = [
         {

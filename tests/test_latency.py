@@ -1,0 +1,121 @@
+"""The latency model: profiles, outliers, thread choice, staleness, fused continuation."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from flexens.calibration.loading import stored_profile
+from flexens.calibration.schema import read_profile
+from flexens.halting import get_criterion
+from flexens.latency import (
+    Budget,
+    adaptive_interleaved,
+    best_fuse_from,
+    best_threads,
+    expected_latency_ms,
+    latency_profile,
+    outliers,
+    profile_problems,
+    reach_fractions,
+    stage_costs_ms,
+    summarize,
+)
+from flexens.members.networks import SmallConvNet
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def profile(one_thread, tmp_path) -> dict:
+    """A real profile of three tiny same-architecture members, within a small budget."""
+    torch.manual_seed(0)
+    nets = [SmallConvNet(10, 3, width=4, depth=2).eval() for _ in range(3)]
+    example = torch.randn(1, 3, 8, 8)
+    measured = latency_profile(
+        nets, ["a", "b", "c"], example, 4, CPU, get_criterion("margin"), 10, seconds=1.0
+    )
+    return {**measured, "_nets": nets, "_example": example}
+
+
+def public(profile: dict) -> dict:
+    return {k: v for k, v in profile.items() if not k.startswith("_")}
+
+
+def test_a_profile_records_how_it_was_measured(profile, tmp_path):
+    assert profile["threads"] == {"batch1": 1, "batched": 1}
+    assert profile["thread_candidates"] == [1] and profile["batch_size"] == 4
+    assert profile["input_shape"] == [3, 8, 8] and profile["device_type"] == "cpu"
+    assert len({m["arch"] for m in profile["members"]}) == 1
+    assert len(profile["fused_batch1_ms"]) == 2  # members 0.. and 1.. fused
+    path = tmp_path / "latency_profile-cpu.json"
+    path.write_text(json.dumps(public(profile)))
+    assert read_profile(path)["threads"] == profile["threads"]
+    assert profile_problems(profile, CPU, 4, [3, 8, 8]) == []
+
+
+def test_the_thread_count_with_the_cheapest_ensemble_is_chosen_per_batch_size():
+    by_threads = {
+        "1": {"batch1_ms": [1.0, 1.1], "batched_ms_per_image": [0.5, 0.5]},
+        "2": {"batch1_ms": [1.6, 1.5], "batched_ms_per_image": [0.3, 0.3]},
+    }
+    assert best_threads(by_threads, "batch1_ms") == "1"
+    assert best_threads(by_threads, "batched_ms_per_image") == "2"
+
+
+def test_an_injected_outlier_is_detected(profile):
+    assert outliers([0.25, 0.26, 1.73, 0.24, 0.25], ["x"] * 5, 0.25) == [2]
+    assert outliers([0.25, 1.73], ["x", "y"], 0.25) == []  # different architectures
+    noisy = {**profile, "members": [dict(m) for m in profile["members"]]}
+    noisy["members"][1]["batched_ms_per_image"] *= 7
+    (problem,) = profile_problems(noisy, CPU, 4, [3, 8, 8])
+    assert "member 1's batched_ms_per_image disagrees" in problem
+
+
+def test_a_profile_for_other_conditions_is_stale(profile):
+    assert any("batch_size" in p for p in profile_problems(profile, CPU, 256, [3, 8, 8]))
+    assert any("input_shape" in p for p in profile_problems(profile, CPU, 4, [3, 32, 32]))
+    old = {k: v for k, v in profile.items() if k != "format"}
+    assert "format None" in profile_problems(old, CPU, 4, [3, 8, 8])[0]
+
+
+def test_an_old_stored_profile_is_measured_again_with_a_note(profile, tmp_path, capsys):
+    path = tmp_path / "latency_profile-cpu.json"
+    old = {k: v for k, v in public(profile).items() if k not in ("format", "threads")}
+    path.write_text(json.dumps(old))
+    members = [SimpleNamespace(sha256=h, network=n) for h, n in zip("abc", profile["_nets"])]
+    assert stored_profile(path, members, CPU, profile["_example"], 4, check=False) is None
+    assert "written by an older flexens" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="has format None"):  # a given one: a one-line error
+        stored_profile(path, members, CPU, profile["_example"], 4, check=None)
+
+
+def test_fused_continuation_prices_every_exit_as_it_runs():
+    profile = {
+        "overhead_ms": 0.0,
+        "members": [{"batch1_ms": 1.0} for _ in range(4)],
+        "fused_batch1_ms": [1.5, 1.4, 1.3],
+    }
+    assert stage_costs_ms(profile, fuse_from=2).tolist() == [1.0, 1.0, 1.3, 0.0]
+    reach = reach_fractions(np.array([0, 0, 1, 3]), 4)
+    assert reach.tolist() == [1.0, 0.5, 0.25, 0.25]
+    assert expected_latency_ms(profile, reach) == pytest.approx(2.0)
+    assert expected_latency_ms(profile, reach, 1) == pytest.approx(1.0 + 0.5 * 1.4)
+    assert best_fuse_from(profile, reach) == 1
+    slow = {**profile, "fused_batch1_ms": [9.0, 9.0, 9.0]}
+    assert best_fuse_from(slow, reach) is None
+
+
+def test_adaptive_timing_stops_within_its_budget_and_summarises(one_thread):
+    calls = {"a": 0}
+    fns = {"a": lambda: calls.__setitem__("a", calls["a"] + 1), "b": lambda: None}
+    times = adaptive_interleaved(fns, CPU, Budget(seconds=0.2, max_rounds=50))
+    assert 2 <= len(times["a"]) == len(times["b"]) <= 50 and calls["a"] == len(times["a"]) + 1
+    figures = summarize(np.array([0.001, 0.002, 0.003, 0.010]))
+    assert figures["latency_mean_ms"] == pytest.approx(4.0)
+    assert figures["latency_p50_ms"] == pytest.approx(2.5)
+    assert figures["throughput_img_s"] == pytest.approx(4 / 0.016)

@@ -18,8 +18,7 @@ that halt about half of the samples reaching each stage. Run:
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from flexens.artifacts import write_json
 from flexens.data import ImageFolderDataModule
 from flexens.ensemble import FlexibleEnsembleModule
 from flexens.halting import Criterion, get_criterion, should_halt, stage_outputs
-from flexens.latency import machine_info
+from flexens.latency import expected_throughput, interleaved, machine_info, reach_fractions
 from flexens.members.networks import SmallConvNet
 from flexens.members.registry import Member, find_member_paths, load_ensemble
 
@@ -198,29 +197,9 @@ def setup(args: argparse.Namespace) -> dict:
 
 # -- timing ---------------------------------------------------------------------------------
 def plain_loop(networks: Sequence[nn.Module], x: Tensor) -> Tensor:
-    """The hand-written baseline ``full`` mode must not be slower than."""
+    """The hand-written baseline ``full`` mode must not be slower than: the one loop a
+    benchmark keeps, because it is the reference the package is measured against."""
     return sum(net(x).softmax(dim=-1) for net in networks) / len(networks)
-
-
-def interleaved(
-    fns: dict[str, Callable[[], object]], rounds: int, warmup: int, seed: int
-) -> dict[str, np.ndarray]:
-    """Seconds per call of each function, one call each per round in a fresh random order:
-    drifting machine load, and whatever one call leaves behind for the next (caches, the
-    allocator), hit every contender alike."""
-    names = list(fns)
-    times = {name: np.empty(rounds) for name in names}
-    rng = np.random.default_rng(seed)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                fns[name]()
-        for r in range(rounds):
-            for i in rng.permutation(len(names)):
-                start = time.perf_counter()
-                fns[names[i]]()
-                times[names[i]][r] = time.perf_counter() - start
-    return times
 
 
 def compare(full: np.ndarray, loop: np.ndarray, batch: int) -> dict:
@@ -251,7 +230,11 @@ def flexible_gain(times: dict[str, np.ndarray], histogram: np.ndarray, batch: in
     batch_s = np.array([np.median(times[f"member{k}"]) for k in members])
     subset_s = np.array([np.median(times[f"subset{k}"]) if reach[k] else 0.0 for k in members])
     cost = batch_s / batch
-    predicted = float(batch * cost.sum() / (reach * cost).sum())
+    profile = {"members": [{"batched_ms_per_image": c * 1e3} for c in cost]}  # this run's
+    exits = np.repeat(np.arange(len(histogram)), histogram)
+    predicted = expected_throughput(profile, reach_fractions(exits, len(histogram))) / (
+        expected_throughput(profile, np.ones(len(histogram)))
+    )
     full_s, flexible_s = float(np.median(times["full"])), float(np.median(times["flexible"]))
     measured = full_s / flexible_s
     return {

@@ -87,7 +87,9 @@ def test_an_old_stored_profile_is_measured_again_with_a_note(profile, tmp_path, 
     path = tmp_path / "latency_profile-cpu.json"
     old = {k: v for k, v in public(profile).items() if k not in ("format", "threads")}
     path.write_text(json.dumps(old))
-    members = [SimpleNamespace(sha256=h, network=n) for h, n in zip("abc", profile["_nets"])]
+    members = [
+        SimpleNamespace(sha256=h, network=n) for h, n in zip("abc", profile["_nets"], strict=True)
+    ]
     assert stored_profile(path, members, CPU, profile["_example"], 4, check=False) is None
     assert "written by an older flexens" in capsys.readouterr().out
     with pytest.raises(ValueError, match="has format None"):  # a given one: a one-line error

@@ -59,9 +59,19 @@ def test_train_calibrate_infer(digits_ensemble):
     assert line in result.stdout
     metrics = json.loads((newest(out, "runs/infer/*") / "metrics.json").read_text())
     assert metrics["certificate"] == certificate
-    for mode in ("flexible", "full"):
-        for key in ("accuracy", "avg_members", "latency_ms_per_image", "throughput_img_s"):
+    for mode in ("flexible", "full", "full_fused"):
+        for key in ("accuracy", "avg_members", "latency_mean_ms", "throughput_img_s"):
             assert metrics[mode][key] > 0
+        assert metrics[mode]["latency_p50_ms"] <= metrics[mode]["latency_p99_ms"]
+        assert metrics[mode]["threads_batch1"] >= 1 and metrics[mode]["threads_batched"] >= 1
+    baseline = metrics["baseline"]
+    assert {baseline["latency"], baseline["throughput"]} <= {"full", "full_fused"}
+    fastest = metrics[baseline["latency"]]["latency_mean_ms"]
+    assert metrics["flexible"]["speedup_latency"] == pytest.approx(
+        fastest / metrics["flexible"]["latency_mean_ms"]
+    )
+    assert metrics["flexible"]["expected_throughput_img_s"] > 0
+    assert "full = fastest full ensemble" in result.stdout
     assert metrics["full"]["avg_members"] == 3
     assert metrics["flexible"]["avg_members"] < metrics["full"]["avg_members"]
     assert abs(metrics["flexible"]["accuracy"] - metrics["full"]["accuracy"]) < 0.05

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -186,10 +187,10 @@ FUSED_FULL = "full_fused"
 """The full ensemble as one ``vmap`` call (:class:`flexens.fused.FusedMembers`)."""
 
 
-def fastest_full(results: dict) -> dict:
+def fastest_full(results: dict, names: Sequence[str] = ("full", FUSED_FULL)) -> dict:
     """Which full ensemble is the baseline: the fastest at batch 1 and at the serving batch
     (sequential ``full`` or ``full_fused``, each already at its best thread count)."""
-    fulls = [m for m in ("full", FUSED_FULL) if results.get(m, {}).get("latency_mean_ms")]
+    fulls = [m for m in names if results.get(m, {}).get("latency_mean_ms")]
     latency = min(fulls, key=lambda m: results[m]["latency_mean_ms"])
     throughput = max(fulls, key=lambda m: results[m]["throughput_img_s"])
     return {

@@ -95,13 +95,16 @@ def predict_stream(module, stream: torch.Tensor, batch_size: int) -> EnsembleOut
         return EnsembleOutput.cat([module(batch) for batch in stream.split(batch_size)])
 
 
-def expectations(profile: dict, members: list[int], exits: dict, fused: bool = False) -> dict:
+def expectations(profile: dict, members: list[int], exits: dict, name: str) -> dict:
     """The latency model's figures for one configuration (``members``: profile indices
     in running order), from the exit stages of exactly the images that were timed."""
     sub = {**profile, "members": [profile["members"][i] for i in members]}
-    if fused:
+    if name == FUSED_NAME:
         n = len(members)
         return {"expected_ms": profile["fused_batch1_ms"][0] + n * profile["overhead_ms"]}
+    if name == FUSED_CONTINUATION:
+        reach = reach_fractions(exits["singles"], len(members))
+        return {"expected_ms": expected_latency_ms(sub, reach, fuse_from=1)}
     return {
         "expected_ms": expected_latency_ms(sub, reach_fractions(exits["singles"], len(members))),
         "expected_img_s": expected_throughput(sub, reach_fractions(exits["stream"], len(members))),
@@ -198,6 +201,8 @@ def full_vs_loop(networks, singles, stream, args) -> dict:
 
 
 FUSED_NAME = "full ensemble (fused)"
+FUSED_CONTINUATION = "flexible margin λ=10 (default), fused after stage 1"
+"""The default point with fused continuation: undecided samples run members 2..N in one call."""
 
 
 def configurations(members, networks, calibrations) -> tuple[dict, dict]:
@@ -220,7 +225,23 @@ def configurations(members, networks, calibrations) -> tuple[dict, dict]:
         name = f"flexible {criterion} {label}"
         modules[name] = FlexibleEnsembleModule(networks, report["thresholds"], criterion)
         order[name] = list(range(n))
+    if can_fuse(networks) and n > 2:  # measured whether or not the model expects a win
+        default = modules[DEFAULT_POINT]
+        modules[FUSED_CONTINUATION] = FlexibleEnsembleModule(
+            networks, default.thresholds, default.criterion_name, fuse_from=1
+        )
+        order[FUSED_CONTINUATION] = list(range(n))
     return modules, order
+
+
+def same_answers(outputs: dict, a: str, b: str) -> bool | None:
+    """Whether two configurations answer every test image alike (prediction and exit)."""
+    if a not in outputs or b not in outputs:
+        return None
+    return bool(
+        torch.equal(outputs[a].exit_stage, outputs[b].exit_stage)
+        and torch.equal(outputs[a].prediction, outputs[b].prediction)
+    )
 
 
 def calibration_key(name: str) -> tuple[str, str] | None:
@@ -228,7 +249,7 @@ def calibration_key(name: str) -> tuple[str, str] | None:
     if not name.startswith("flexible "):
         return None
     criterion, label = name.removeprefix("flexible ").split(" ", 1)
-    return criterion, label
+    return None if name == FUSED_CONTINUATION else (criterion, label)
 
 
 def run(args) -> dict:
@@ -320,7 +341,7 @@ def run(args) -> dict:
         source = full_name if name == FUSED_NAME else name
         exits = outputs[source].exit_stage.numpy()
         split = {"singles": exits[: len(singles)], "stream": exits[: len(timed)]}
-        timing = {**timings[name], **expectations(profile, order[name], split, name == FUSED_NAME)}
+        timing = {**timings[name], **expectations(profile, order[name], split, name)}
         add_expectations(name, timing, {}, None, baseline)
         r = row(name, top1(source), float((exits + 1).mean()), timing, full_ref)
         rows.append(r)
@@ -334,6 +355,7 @@ def run(args) -> dict:
         if "certified" in key[1]:
             r["certificate"] = report["certificate"]
             checks[key[1]] = r
+    fused_check = same_answers(outputs, FUSED_CONTINUATION, DEFAULT_POINT)
     oracle = StageTable.from_probs(
         probs, labels, get_criterion("margin"), stage_costs_ms(profile)
     ).oracle()
@@ -379,6 +401,7 @@ def run(args) -> dict:
         "test_samples": len(test),
         "rounds": args.rounds,
         "baseline": baseline,
+        "fused_continuation_identical": fused_check,
         "throughput_images": len(timed),
         "latency_images": len(singles),
         "batch_size": args.batch_size,
@@ -465,6 +488,27 @@ def model_checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def fused_checks(result: dict) -> list[tuple[str, bool, str]]:
+    """Fused continuation: same answers as sequential, and whether it is faster."""
+    rows = {r["name"]: r for r in result["rows"]}
+    if FUSED_CONTINUATION not in rows:
+        return []
+    fused, plain = rows[FUSED_CONTINUATION], rows[DEFAULT_POINT]
+    ratio = plain["latency_mean_ms"] / fused["latency_mean_ms"]
+    return [
+        (
+            "fused continuation: same prediction and exit stage as sequential on every test image",
+            bool(result["fused_continuation_identical"]),
+            str(result["fused_continuation_identical"]),
+        ),
+        (
+            "fused continuation: faster than sequential at batch 1 (kept on only where it wins)",
+            ratio > 1.0,
+            f"{ratio:.2f}× (mean {fused['latency_mean_ms']:.3f} vs {plain['latency_mean_ms']:.3f} ms)",
+        ),
+    ]
+
+
 def targets(result: dict) -> str:
     """The issues' targets, each with its measured figure and PASS/MISS."""
     certified = result["checks"]
@@ -504,6 +548,7 @@ def targets(result: dict) -> str:
             f"({point['avg_members'] / result['oracle']['avg_members']:.2f}×)",
         ),
         *model_checks(result["rows"]),
+        *fused_checks(result),
         (
             "`full` mode vs plain loop ≤ 1.03× (batch 1)",
             over["full_vs_loop"]["batch1"] <= 1.03,

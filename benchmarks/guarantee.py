@@ -43,7 +43,7 @@ from flexens.calibration.risk import certified_front, certify, pick_certified, s
 from flexens.calibration.search import ThresholdSearch, make_grid  # noqa: E402
 from flexens.calibration.simulate import StageTable  # noqa: E402
 from flexens.halting import get_criterion  # noqa: E402
-from flexens.latency import machine_info, resolve_device  # noqa: E402
+from flexens.latency import machine_info, resolve_device, timed  # noqa: E402
 from flexens.members.registry import load_ensemble  # noqa: E402
 
 EPSILONS = (0.0025, 0.005, 0.01, 0.02)
@@ -94,6 +94,15 @@ def empirical(table: StageTable, grid: np.ndarray, epsilon: float) -> np.ndarray
     return ThresholdSearch(table, grid, objective).per_stage(20000, 4).thresholds
 
 
+def choose(cal: StageTable, procedure: str, risk: str, grid: np.ndarray, seed: int) -> list:
+    """One procedure's thresholds at every ε on one calibration split."""
+    if procedure == "empirical":
+        return [empirical(cal, grid, eps) for eps in EPSILONS]
+    path = certify(cal, risk, procedure, DELTA, grid, split_seed=seed)
+    front = certified_front(path, cal)
+    return [pick_certified(front, eps)["thresholds"] for eps in EPSILONS]
+
+
 def one_split(table: StageTable, seed: int, args, grid: np.ndarray) -> dict:
     """Every procedure at every ε on one random calibration / evaluation split."""
     order = np.random.default_rng(seed).permutation(table.num_samples)
@@ -101,14 +110,9 @@ def one_split(table: StageTable, seed: int, args, grid: np.ndarray) -> dict:
     full_acc = ev.full().accuracy
     out = {}
     for name, (procedure, risk) in PROCEDURES.items():
-        start = time.perf_counter()
-        if procedure == "empirical":
-            chosen = [empirical(cal, grid, eps) for eps in EPSILONS]
-        else:
-            path = certify(cal, risk, procedure, DELTA, grid, split_seed=seed)
-            front = certified_front(path, cal)
-            chosen = [pick_certified(front, eps)["thresholds"] for eps in EPSILONS]
-        seconds = time.perf_counter() - start
+        seconds, chosen = timed(
+            lambda procedure=procedure, risk=risk: choose(cal, procedure, risk, grid, seed)
+        )
         outcomes = [ev.evaluate(t) for t in chosen]
         out[name] = {
             "loss": [full_acc - o.accuracy for o in outcomes],

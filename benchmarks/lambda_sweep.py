@@ -18,12 +18,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
 from flexens.artifacts import write_json
-from flexens.latency import machine_info
+from flexens.latency import machine_info, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 1.0
@@ -31,14 +30,14 @@ _JOB_START = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[HYDRA\]\s+#\d+ :", re.MULTILINE
 
 
 def timed_run(*overrides: str) -> tuple[float, str]:
-    start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "calibrate.py"), *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    seconds, result = timed(
+        lambda: subprocess.run(
+            [sys.executable, str(ROOT / "calibrate.py"), *overrides],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
     )
-    seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"calibrate.py {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
     return seconds, result.stdout + result.stderr

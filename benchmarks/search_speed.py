@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from flexens.calibration.objectives import Objective
 from flexens.calibration.search import SearchResult, ThresholdSearch, make_grid
 from flexens.calibration.simulate import StageTable
 from flexens.halting import get_criterion
-from flexens.latency import machine_info
+from flexens.latency import machine_info, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 2.0
@@ -73,12 +72,9 @@ def stage_costs_ms(members: int) -> np.ndarray:
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float], object]:
     """Median seconds of ``repeats`` calls (the odd run slowed by other load on the machine
     does not move it), the individual times, and the last call's result."""
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
+    runs = [timed(fn) for _ in range(repeats)]
+    times = [seconds for seconds, _ in runs]
+    return statistics.median(times), times, runs[-1][1]
 
 
 def summarise(table: StageTable, result: SearchResult, seconds: float, times: list[float]) -> dict:

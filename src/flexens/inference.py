@@ -176,6 +176,7 @@ def measure_latency(
             mode=mode,
             first_k=module.first_k,
             channels_last=module.channels_last,
+            fuse_from=module.fuse_from,
         )
         fns[mode] = twin
     if can_fuse(members):
@@ -243,6 +244,7 @@ def infer(cfg: DictConfig) -> dict:
             mode=cfg.infer.mode,
             first_k=cfg.infer.first_k,
             channels_last=cfg.infer.channels_last,
+            fuse_from=cfg.infer.get("fuse_from"),
         )
         .to(device)
         .eval()

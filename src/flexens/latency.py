@@ -93,14 +93,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call of ``fn``, synchronised before and after: every timing in
-    flexens (profile, ``infer.py``, benchmarks) is a list of these."""
+def timed(fn: Callable[[], object], device: torch.device | None = None) -> tuple[float, object]:
+    """Seconds of one call of ``fn`` (synchronised before and after on a GPU) and its
+    result: every timing in flexens (profile, ``infer.py``, benchmarks) is made of these."""
+    device = device or torch.device("cpu")
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    result = fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
+
+
+def timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn`` (see :func:`timed`)."""
+    return timed(fn, device)[0]
 
 
 def time_calls(

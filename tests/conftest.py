@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("FLEXENS_PROFILE_SECONDS", "2")  # toy members: a 2 s latency profile
 
 
 def run_script(

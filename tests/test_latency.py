@@ -19,6 +19,7 @@ from flexens.latency import (
     best_threads,
     expected_latency_ms,
     latency_profile,
+    measure_configurations,
     outliers,
     profile_problems,
     reach_fractions,
@@ -121,3 +122,23 @@ def test_adaptive_timing_stops_within_its_budget_and_summarises(one_thread):
     assert figures["latency_mean_ms"] == pytest.approx(4.0)
     assert figures["latency_p50_ms"] == pytest.approx(2.5)
     assert figures["throughput_img_s"] == pytest.approx(4 / 0.016)
+
+
+def test_configurations_are_reported_with_the_thread_count_they_ran_at(one_thread):
+    x = torch.randn(6, 3, 4, 4)
+    fns = {"double": lambda t: t * 2, "sum": lambda t: t.sum()}
+    results = measure_configurations(
+        fns,
+        x[:4],
+        x,
+        3,
+        CPU,
+        rounds=2,
+        warmup=1,
+        threads={"batch1": 1, "batched": 1},
+        explore=["double"],
+    )
+    for figures in results.values():
+        assert figures["threads_batch1"] == figures["threads_batched"] == 1
+        assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+        assert figures["latency_mean_ms"] > 0 and figures["throughput_img_s"] > 0

@@ -35,7 +35,6 @@ import overhead  # noqa: E402
 
 from flexens.artifacts import replace_marked_section, write_json, write_text  # noqa: E402
 from flexens.calibration.cache import split_probs  # noqa: E402
-from flexens.calibration.run import calibrate  # noqa: E402
 from flexens.calibration.simulate import StageTable  # noqa: E402
 from flexens.ensemble import EnsembleOutput, FlexibleEnsembleModule  # noqa: E402
 from flexens.fused import FusedMembers, can_fuse  # noqa: E402
@@ -54,7 +53,9 @@ from flexens.latency import (  # noqa: E402
 from flexens.members.module import MemberModule  # noqa: E402
 from flexens.members.registry import load_ensemble  # noqa: E402
 from flexens.members.train import member_arch  # noqa: E402
+from flexens.memo import SweepMemo  # noqa: E402
 from flexens.reporting.plots import plot_accuracy_vs_latency  # noqa: E402
+from flexens.tasks.calibrate import calibrate  # noqa: E402
 
 CRITERIA = ("margin", "max_prob", "entropy")
 LAMBDAS = {"quality": 100.0, "default": 10.0, "speed": 1.0}
@@ -276,7 +277,7 @@ def run(args) -> dict:
     labels_np = labels.numpy()
 
     # calibrations: criteria × λ, and the max-drop operating point
-    calibrations = {}
+    calibrations, memo = {}, SweepMemo()
     first = True
     for criterion in CRITERIA:
         for tag, lam in LAMBDAS.items():
@@ -294,7 +295,8 @@ def run(args) -> dict:
                         "calibrate.profile_check=false",  # one profile for every row
                         f"calibrate.output={results_dir / 'runs' / criterion / tag / 'thresholds.json'}",
                     ],
-                )
+                ),
+                memo,
             )
             first = False
     for eps in CERTIFIED_EPS:
@@ -311,7 +313,8 @@ def run(args) -> dict:
                     f"calibrate.max_drop={eps}",
                     f"calibrate.output={results_dir / 'runs' / tag / 'thresholds.json'}",
                 ],
-            )
+            ),
+            memo,
         )
     profile = next(iter(calibrations.values()))["latency_profile"]
     modules, order = configurations(members, networks, calibrations)

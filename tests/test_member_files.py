@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -136,10 +136,15 @@ def thresholds_naming(name: str, sha256: str) -> dict:
     """A well-formed one-member thresholds.json naming ``name`` (its schema is checked)."""
     return {
         "format": THRESHOLDS_FORMAT,
+        "ensemble": "digits-small_cnn",
         "members": [{"path": name, "sha256": sha256}],
         "criterion": "margin",
         "thresholds": [],
-        "calibration": {},
+        "calibration": {
+            "num_samples": 10,
+            "flexible": {"accuracy": 0.9, "avg_members": 1.0, "expected_latency_ms": 1.0},
+            "full": {"accuracy": 0.9, "avg_members": 1.0, "expected_latency_ms": 1.0},
+        },
         "latency_profile": {},
         "certificate": {},
         "certified_front": [],
@@ -398,9 +403,6 @@ def test_thresholds_name_members_by_file_inside_the_members_folder(tmp_path: Pat
     assert described[0]["sha256"] == hashlib.sha256(paths[0].read_bytes()).hexdigest()
     thresholds = tmp_path / "elsewhere" / "thresholds.json"
     thresholds.parent.mkdir()
-    cfg = OmegaConf.create(
-        {"infer": {"thresholds": str(thresholds)}, "paths": {"members_dir": str(paths[0].parent)}}
-    )
 
     def with_members(members: list[dict]) -> None:
         thresholds.write_text(
@@ -408,18 +410,18 @@ def test_thresholds_name_members_by_file_inside_the_members_folder(tmp_path: Pat
         )
 
     with_members(described)
-    loaded, _ = load_calibrated_members(cfg)
+    loaded, _ = load_calibrated_members(thresholds, paths[0].parent)
     assert [m.path for m in loaded] == paths
     for name in ("../seed=0.safetensors", str(paths[0]), "sub/seed=0.safetensors", ".."):
         with_members([{**described[0], "path": name}, described[1]])
         with pytest.raises(ValueError, match="not a file name inside the members folder"):
-            load_calibrated_members(cfg)
+            load_calibrated_members(thresholds, paths[0].parent)
     with_members([described[0], {**described[1], "sha256": "0" * 64}])
     with pytest.raises(ValueError, match=r"seed=1\.safetensors changed since .* was calibrated"):
-        load_calibrated_members(cfg)
+        load_calibrated_members(thresholds, paths[0].parent)
     with_members([described[0], {**described[0]}])
     with pytest.raises(ValueError, match="hold the same weights"):
-        load_calibrated_members(cfg)
+        load_calibrated_members(thresholds, paths[0].parent)
 
 
 # -- finished means complete, and trained with this recipe ----------------------------------
@@ -504,3 +506,43 @@ def test_a_corrupt_resume_checkpoint_is_set_aside_and_training_restarts(tmp_path
     assert aside.read_bytes() == damaged
     assert load_member(member_path(tmp_path / MEMBERS, 0)).seed == 0
     assert not work.exists()
+
+
+BAD_THRESHOLDS = {
+    "not-json": (lambda d: "{ truncated", "is not readable JSON"),
+    "a-list": (lambda d: [], "holds list, not an object"),
+    "old-format": (lambda d: {**d, "format": None}, "has format None"),
+    "thresholds-null": (lambda d: {**d, "thresholds": None}, "field 'thresholds' must be list"),
+    "members-a-dict": (lambda d: {**d, "members": {}}, "field 'members' must be list"),
+    "member-without-hash": (
+        lambda d: {**d, "members": [{"path": "seed=0.safetensors"}]},
+        "field 'sha256' must be str",
+    ),
+    "nan-threshold": (
+        lambda d: {**d, "members": d["members"] * 2, "thresholds": [float("nan")]},
+        "must hold finite numbers",
+    ),
+    "extra-threshold": (lambda d: {**d, "thresholds": [0.5]}, "1 thresholds for 1 members"),
+    "no-full-summary": (
+        lambda d: {**d, "calibration": {"num_samples": 3}},
+        "field 'flexible' must be dict",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", BAD_THRESHOLDS, ids=list(BAD_THRESHOLDS))
+def test_every_bad_thresholds_file_is_one_line_naming_it(tmp_path: Path, damage) -> None:
+    from flexens.calibration.schema import read_thresholds
+
+    edit, match = BAD_THRESHOLDS[damage]
+    path = tmp_path / "thresholds.json"
+    good = thresholds_naming("seed=0.safetensors", "0" * 64)
+    path.with_name("good.json").write_text(json.dumps(good))
+    assert read_thresholds(path.with_name("good.json")).members[0].sha256 == "0" * 64
+    bad = edit(good)
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    with pytest.raises(ValueError) as info:
+        read_thresholds(path)
+    message = str(info.value)
+    assert match in message and str(path) in message and "recalibrate" in message, message
+    assert "\n" not in message

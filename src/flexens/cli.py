@@ -39,6 +39,10 @@ def run(task: str, cfg: DictConfig) -> None:
             from flexens.inference import infer
 
             infer(cfg)
+        elif task == "serve":
+            from flexens.serving.app import serve
+
+            serve(cfg)
         else:
             raise ValueError(f"unknown task {task!r}")
     except USER_ERRORS as err:

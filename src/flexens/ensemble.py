@@ -32,19 +32,30 @@ def run_full(members: Sequence[nn.Module], x: Tensor) -> Tensor:
 
 
 def run_flexible(
-    members: Sequence[nn.Module], x: Tensor, thresholds: Sequence[float], criterion: Criterion
+    members: Sequence[nn.Module],
+    x: Tensor,
+    thresholds: Sequence[float] | Tensor,
+    criterion: Criterion,
 ) -> dict[str, Tensor]:
     """Batched halting: each stage runs only on the samples still undecided.
 
     Every stage writes its running result for all its active samples; samples that go on
     are simply overwritten by a later stage, so no halted subset has to be gathered.
+
+    ``thresholds`` is one set ``T_1..T_{N-1}`` for the whole batch, or a ``(B, N-1)`` tensor
+    with one set per sample: a server batches requests that asked for different operating
+    points, and each sample must halt exactly where it would alone. Per-sample thresholds
+    are compared in the confidence's dtype, which is what comparing with a Python float
+    does, so a row equal to the shared set gives bit-identical decisions.
     """
+    per_sample = isinstance(thresholds, Tensor) and thresholds.dim() == 2
     n, batch = len(members), x.shape[0]
     active = torch.arange(batch, device=x.device)
     exit_stage = torch.full((batch,), n - 1, dtype=torch.long, device=x.device)
     confidence = torch.empty(batch, device=x.device)
     probs_out: Tensor | None = None
     prob_sum: Tensor | None = None
+    limits = thresholds.to(x.device) if per_sample else None
     for k, member in enumerate(members):
         probs = _probs(member, x)
         prob_sum = probs if prob_sum is None else prob_sum + probs
@@ -57,11 +68,13 @@ def run_flexible(
         exit_stage.index_fill_(0, active, k)
         if k == n - 1:
             break
-        keep = (~should_halt(conf, thresholds[k], is_last=False)).nonzero().squeeze(1)
+        limit = limits[:, k].to(conf.dtype) if per_sample else thresholds[k]
+        keep = (~should_halt(conf, limit, is_last=False)).nonzero().squeeze(1)
         if keep.numel() == 0:  # the one host sync of this stage
             break
         if keep.numel() < active.numel():
             active, prob_sum, x = active[keep], prob_sum[keep], x[keep]
+            limits = limits[keep] if per_sample else None
     return {
         "probs": probs_out,
         "prediction": probs_out.argmax(dim=1),
@@ -127,12 +140,23 @@ class FlexibleEnsembleModule(L.LightningModule):
             )
         self.mode, self.first_k = mode, first_k
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> dict[str, Tensor]:
+        """``thresholds``: optional ``(B, N-1)`` per-sample thresholds (``flexible`` mode only),
+        for a batch whose samples asked for different operating points."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         members = list(self.members)
+        if thresholds is not None:
+            if self.mode != "flexible":
+                raise ValueError(f"per-sample thresholds need mode 'flexible', not {self.mode!r}")
+            if tuple(thresholds.shape) != (x.shape[0], self.num_members - 1):
+                raise ValueError(
+                    f"per-sample thresholds must be (batch, N-1) = "
+                    f"({x.shape[0]}, {self.num_members - 1}), got {tuple(thresholds.shape)}"
+                )
         if self.mode == "flexible":
-            return run_flexible(members, x, self.thresholds, self.criterion)
+            limits = self.thresholds if thresholds is None else thresholds
+            return run_flexible(members, x, limits, self.criterion)
         if self.mode == "oracle":
             return self._oracle(members, x)
         used = members if self.mode == "full" else members[: self.first_k]

@@ -48,14 +48,20 @@ def load_calibrated_members(cfg: DictConfig) -> tuple[list[Member], dict]:
     that leads elsewhere is refused, and each file's hash is checked against the one
     recorded at calibration before its weights are deserialised.
     """
-    path = Path(cfg.infer.thresholds)
+    return load_calibration(Path(cfg.infer.thresholds), Path(cfg.paths.members_dir))
+
+
+def load_calibration(
+    path: Path, members_dir: Path, setting: str = "infer.thresholds"
+) -> tuple[list[Member], dict]:
+    """:func:`load_calibrated_members` from plain paths (the server's workers load with it);
+    ``setting`` is what the user passes to point at another thresholds file."""
     if not path.is_file():
         raise FileNotFoundError(
             f"thresholds file {str(path)!r} does not exist; run calibrate.py first "
-            "(or pass infer.thresholds=/path/to/thresholds.json)"
+            f"(or pass {setting}=/path/to/thresholds.json)"
         )
     calibration = read_thresholds(path)  # every field checked before one is used
-    members_dir = Path(cfg.paths.members_dir)
     members = []
     for recorded in calibration["members"]:
         name, sha256 = recorded["path"], recorded["sha256"]
@@ -85,19 +91,42 @@ def operating_point(cfg: DictConfig, calibration: dict) -> tuple[list[float], st
     another point of the calibration's fronts chosen by ``infer.operating_point``."""
     op = cfg.infer.operating_point
     chosen = {k: op[k] for k in ("lam", "max_drop", "budget_ms") if op.get(k) is not None}
-    if not chosen:
+    if len(chosen) > 1:
+        raise ValueError(f"pick one infer.operating_point setting, got {sorted(chosen)}")
+    ((setting, value),) = chosen.items() if chosen else ((None, None),)
+    thresholds, name, latency, certificate, closest = choose_operating_point(
+        calibration, setting, value
+    )
+    if closest is not None:
+        print(f"warning: {closest}")
+    return thresholds, name, latency, certificate
+
+
+def choose_operating_point(
+    calibration: dict, setting: str | None, value: float | None
+) -> tuple[list[float], str, float, dict, str | None]:
+    """The point ``setting=value`` picks (``None``: the calibrated thresholds).
+
+    ``max_drop`` picks from the certified front, ``lam`` and ``budget_ms`` from the Pareto
+    front. The last item is ``None``, or why no point meets the objective and which closest
+    point was taken instead. Shared by ``infer.py`` and the server, so one setting always
+    means the same thresholds.
+    """
+    if setting is None:
         flexible = calibration["calibration"]["flexible"]
         return (
             calibration["thresholds"],
             "calibrated",
             flexible["expected_latency_ms"],
             calibration.get("certificate"),
+            None,
         )
-    if len(chosen) > 1:
-        raise ValueError(f"pick one infer.operating_point setting, got {sorted(chosen)}")
-    ((setting, value),) = chosen.items()
     if setting == "max_drop":
-        return certified_operating_point(calibration, float(value))
+        return (*certified_operating_point(calibration, float(value)), None)
+    if setting not in OPERATING_POINT_OBJECTIVES:
+        raise ValueError(
+            f"unknown operating point setting {setting!r}; use lam, max_drop or budget_ms"
+        )
     full = calibration["calibration"]["full"]
     objective = Objective(
         kind=OPERATING_POINT_OBJECTIVES[setting],
@@ -107,14 +136,15 @@ def operating_point(cfg: DictConfig, calibration: dict) -> tuple[list[float], st
         **{setting: float(value)},
     )
     point, feasible = select_point(calibration["pareto_front"], objective)
+    closest = None
     if not feasible:
-        print(
-            f"warning: no calibrated operating point meets {objective.describe()}; using the "
+        closest = (
+            f"no calibrated operating point meets {objective.describe()}; using the "
             f"closest ({point.accuracy:.2%} at {point.latency_ms:.3f} ms expected)"
         )
     certificate = calibration.get("certificate") or {}
     estimate = uncertified_point(calibration, point.accuracy, certificate)
-    return point.thresholds, f"{setting}={value:g}", point.latency_ms, estimate
+    return point.thresholds, f"{setting}={value:g}", point.latency_ms, estimate, closest
 
 
 def certified_operating_point(

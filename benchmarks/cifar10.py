@@ -38,7 +38,7 @@ from flexens.artifacts import replace_marked_section, write_json, write_text  # 
 from flexens.calibration.cache import split_probs  # noqa: E402
 from flexens.calibration.run import calibrate  # noqa: E402
 from flexens.calibration.simulate import StageTable  # noqa: E402
-from flexens.ensemble import FlexibleEnsembleModule  # noqa: E402
+from flexens.ensemble import EnsembleOutput, FlexibleEnsembleModule  # noqa: E402
 from flexens.halting import get_criterion  # noqa: E402
 from flexens.latency import machine_info, resolve_device, stage_costs_ms  # noqa: E402
 from flexens.members.module import MemberModule  # noqa: E402
@@ -77,11 +77,10 @@ def train_members(args, base: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def predict_stream(module, stream: torch.Tensor, batch_size: int) -> dict:
+def predict_stream(module, stream: torch.Tensor, batch_size: int) -> EnsembleOutput:
     """The module's outputs over the whole test split (untimed: accuracy, exit stages)."""
     with torch.inference_mode():
-        outs = [module(batch) for batch in stream.split(batch_size)]
-    return {k: torch.cat([o[k] for o in outs]) for k in ("prediction", "exit_stage")}
+        return EnsembleOutput.cat([module(batch) for batch in stream.split(batch_size)])
 
 
 def interleaved_timing(modules: dict, singles: torch.Tensor, stream: torch.Tensor, args) -> dict:
@@ -300,7 +299,7 @@ def run(args) -> dict:
     full_name = f"full ensemble k={len(members)}"
 
     def top1(name):
-        return float((outputs[name]["prediction"].numpy() == labels_np).mean())
+        return float((outputs[name].prediction.numpy() == labels_np).mean())
 
     full_ref = {"top1": top1(full_name)}
     rows = [
@@ -330,7 +329,7 @@ def run(args) -> dict:
     batched = np.array([m["batched_ms_per_image"] for m in profile["members"]])
     for (criterion, label), report in calibrations.items():
         name = f"flexible {criterion} {label}"
-        exits = outputs[name]["exit_stage"].numpy()
+        exits = outputs[name].exit_stage.numpy()
         simulated = StageTable.from_probs(probs, labels, get_criterion(criterion), costs).evaluate(
             report["thresholds"]
         )

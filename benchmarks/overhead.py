@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> dict:
         for mode in ("full", "flexible")
     }
     with torch.inference_mode():
-        exit_stage = modules["flexible"](x)["exit_stage"]
+        exit_stage = modules["flexible"](x).exit_stage
     histogram = torch.bincount(exit_stage, minlength=len(networks)).numpy()
     reach = histogram[::-1].cumsum()[::-1]
     one = x[:1]

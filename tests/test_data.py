@@ -78,3 +78,41 @@ def test_imagefolder_errors_name_the_problem(tmp_path):
         f.unlink()
     with pytest.raises(FileNotFoundError, match="dog' is empty"):
         ImageFolderDataModule(root=str(root), test_split="test").setup()
+
+
+@pytest.mark.parametrize("preset", ["imagenet", "cifar"])
+def test_decoded_cache_and_files_give_the_same_images(tmp_path, preset):
+    """The same recipe trains the same way with or without data.cache_decoded: both paths run
+    one transform pipeline (the cache only stores its deterministic decode head)."""
+    root = make_tree(tmp_path / "tree", per_class=4, size=20)
+    sets = []
+    for cache_decoded in (False, True):
+        dm = ImageFolderDataModule(
+            root=str(root),
+            test_split="test",
+            preset=preset,
+            image_size=16,
+            cache_decoded=cache_decoded,
+            cache_dir=str(tmp_path / "cache"),
+            calib_fraction=0.5,
+        )
+        dm.setup()
+        sets.append((dm.train_augmented, dm.train_plain, dm.test_set))
+    for from_files, from_cache in zip(*sets, strict=True):
+        for i in range(len(from_files)):
+            torch.manual_seed(i)
+            image, label = from_files[i]
+            torch.manual_seed(i)
+            cached, cached_label = from_cache[i]
+            assert label == cached_label and torch.equal(image, cached)
+
+
+def test_decoded_cache_refuses_images_of_several_sizes(tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=2, size=20)
+    Image.fromarray(np.zeros((30, 20, 3), dtype=np.uint8)).save(root / "train" / "cat" / "9.png")
+    dm = ImageFolderDataModule(
+        root=str(root), test_split="test", preset="imagenet", image_size=16, cache_decoded=True,
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="needs images of one size.*cache_decoded=false"):
+        dm.setup()

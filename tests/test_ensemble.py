@@ -38,8 +38,8 @@ def test_thresholds_that_never_halt_equal_the_plain_averaged_ensemble_exactly():
     module = FlexibleEnsembleModule(members, [1.0, 1.0, 1.0])
     with torch.no_grad():
         out = module.predict_step((x, torch.zeros(len(x))), 0)
-    assert torch.equal(out["probs"], averaged(members, x))
-    assert (out["exit_stage"] == 3).all()
+    assert torch.equal(out.probs, averaged(members, x))
+    assert (out.exit_stage == 3).all()
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -51,21 +51,21 @@ def test_batched_halting_equals_one_sample_at_a_time(seed):
         batched = module(x)
         singles = [module(x[i : i + 1]) for i in range(len(x))]
     for key in ("prediction", "exit_stage"):
-        assert torch.equal(batched[key], torch.cat([s[key] for s in singles]))
-    assert torch.allclose(batched["probs"], torch.cat([s["probs"] for s in singles]), atol=1e-6)
-    assert 0 < batched["exit_stage"].float().mean() < 3  # some halt early, some do not
+        assert torch.equal(getattr(batched, key), torch.cat([getattr(s, key) for s in singles]))
+    assert torch.allclose(batched.probs, torch.cat([s.probs for s in singles]), atol=1e-6)
+    assert 0 < batched.exit_stage.float().mean() < 3  # some halt early, some do not
 
 
 def test_full_and_first_k_modes():
     members, x = make_members(), inputs()
     module = FlexibleEnsembleModule(members, [0.0, 0.0, 0.0], mode="full")
     with torch.no_grad():
-        assert torch.equal(module(x)["probs"], averaged(members, x))
+        assert torch.equal(module(x).probs, averaged(members, x))
         for k in (1, 2, 3):
             module.set_mode("first_k", k)
             out = module(x)
-            assert torch.equal(out["probs"], averaged(members, x, k))
-            assert (out["exit_stage"] == k - 1).all()
+            assert torch.equal(out.probs, averaged(members, x, k))
+            assert (out.exit_stage == k - 1).all()
     with pytest.raises(ValueError, match="first_k must be in 1..4"):
         module.set_mode("first_k", 5)
     with pytest.raises(ValueError, match="unknown mode"):
@@ -86,8 +86,8 @@ def test_simulation_and_predict_step_agree_sample_by_sample():
             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
         )
         out = trainer.predict(module, DataLoader(TensorDataset(x, labels), batch_size=64))
-        exits = torch.cat([o["exit_stage"] for o in out]).numpy()
-        predictions = torch.cat([o["prediction"] for o in out]).numpy()
+        exits = torch.cat([o.exit_stage for o in out]).numpy()
+        predictions = torch.cat([o.prediction for o in out]).numpy()
         simulated = table.exits(thresholds)
         assert np.array_equal(exits, simulated)
         assert np.array_equal(exits, simulate_exits(table, thresholds))  # the search's fast path
@@ -102,7 +102,5 @@ def test_oracle_mode_matches_the_simulated_oracle():
         probs = torch.stack([m(x).softmax(-1) for m in members])
         out = FlexibleEnsembleModule(members, mode="oracle")(x)
     table = StageTable.from_probs(probs, labels, get_criterion("margin"), np.ones(4))
-    assert out["exit_stage"].float().add(1).mean().item() == pytest.approx(
-        table.oracle().avg_members
-    )
-    assert torch.equal(out["prediction"], averaged(members, x).argmax(1))
+    assert out.exit_stage.float().add(1).mean().item() == pytest.approx(table.oracle().avg_members)
+    assert torch.equal(out.prediction, averaged(members, x).argmax(1))

@@ -285,7 +285,7 @@ def test_pretrained_hub_offline_fails_in_one_line(offline_hub: None, pretrained,
 
 
 def test_pretrained_hub_tag_needs_a_timm_model() -> None:
-    with pytest.raises(ValueError, match="only timm models"):
+    with pytest.raises(ValueError, match="names hub weights, which .small_cnn. has none"):
         create_network("small_cnn", num_classes=10, pretrained="imagenet")
 
 

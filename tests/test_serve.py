@@ -52,10 +52,11 @@ def test_a_mixed_batch_answers_every_sample_as_it_would_alone(one_thread):
         for i in range(len(x)):
             alone = run_flexible(members, x[i : i + 1], rows[i].tolist(), criterion)
             for key in ("prediction", "exit_stage"):
-                assert torch.equal(mixed[key][i], alone[key][0]), (key, i)
+                assert torch.equal(getattr(mixed, key)[i], getattr(alone, key)[0]), (key, i)
             for key in ("confidence", "probs"):
-                torch.testing.assert_close(mixed[key][i], alone[key][0], rtol=0, atol=1e-6)
-    assert len(set(mixed["exit_stage"].tolist())) == 4  # the rows really halt differently
+                got, want = getattr(mixed, key)[i], getattr(alone, key)[0]
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert len(set(mixed.exit_stage.tolist())) == 4  # the rows really halt differently
 
 
 def test_per_sample_thresholds_on_a_value_float32_rounds_up_decide_as_a_shared_set(one_thread):
@@ -72,8 +73,8 @@ def test_per_sample_thresholds_on_a_value_float32_rounds_up_decide_as_a_shared_s
     margin = get_criterion("margin")
     shared = run_flexible(members, x, [0.1], margin)
     per_row = run_flexible(members, x, torch.tensor([[0.1]], dtype=torch.float64), margin)
-    assert shared["confidence"].dtype == confidence_at.dtype
-    assert torch.equal(shared["exit_stage"], per_row["exit_stage"])
+    assert shared.confidence.dtype == confidence_at.dtype
+    assert torch.equal(shared.exit_stage, per_row.exit_stage)
 
 
 # -- SLO controller -------------------------------------------------------------------------

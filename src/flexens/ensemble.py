@@ -9,26 +9,73 @@ calibration simulation runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import pytorch_lightning as L
 import torch
 from torch import Tensor, nn
 
-from flexens.halting import Criterion, get_criterion, running_mean, should_halt, validate_thresholds
+from flexens.halting import (
+    Criterion,
+    ProbabilityFn,
+    get_criterion,
+    oracle_exits,
+    running_means,
+    should_halt,
+    validate_thresholds,
+)
 
 MODES = ("flexible", "full", "first_k", "oracle")
 
 
-def _probs(member: nn.Module, x: Tensor) -> Tensor:
-    return member(x).float().softmax(dim=-1)
+@dataclass
+class EnsembleOutput:
+    """What the ensemble answers for a batch, one row per sample.
+
+    ``probs`` ``(B, C)`` is the running mean the sample answered with, ``exit_stage`` the
+    0-based member it stopped after, ``confidence`` the criterion's value there. ``target``
+    is filled by ``predict_step`` when the batch is labelled. (Not frozen: Lightning moves
+    predictions to the CPU field by field.)
+    """
+
+    probs: Tensor
+    exit_stage: Tensor
+    confidence: Tensor
+    target: Tensor | None = None
+
+    @property
+    def prediction(self) -> Tensor:
+        return self.probs.argmax(dim=1)
+
+    def cpu(self) -> EnsembleOutput:
+        return EnsembleOutput(**{f.name: _cpu(getattr(self, f.name)) for f in fields(self)})
+
+    @classmethod
+    def cat(cls, outputs: Sequence[EnsembleOutput]) -> EnsembleOutput:
+        """Batches joined in order (e.g. what ``Trainer.predict`` returns)."""
+        return cls(
+            **{
+                f.name: None
+                if getattr(outputs[0], f.name) is None
+                else torch.cat([getattr(o, f.name) for o in outputs])
+                for f in fields(cls)
+            }
+        )
+
+
+def _cpu(value: Tensor | None) -> Tensor | None:
+    return None if value is None else value.cpu()
+
+
+def probability_fn(member: nn.Module) -> ProbabilityFn:
+    """A network as the halting loop sees it: softmax of its logits, in float32."""
+    return lambda x: member(x).float().softmax(dim=-1)
 
 
 def run_full(members: Sequence[nn.Module], x: Tensor) -> Tensor:
     """Plain averaged ensemble: what a hand-written loop over the members computes."""
-    prob_sum = _probs(members[0], x)
-    for member in members[1:]:
-        prob_sum = prob_sum + _probs(member, x)
-    return running_mean(prob_sum, len(members))
+    *_, mean = running_means([probability_fn(m) for m in members], x)
+    return mean
 
 
 def run_flexible(
@@ -36,30 +83,29 @@ def run_flexible(
     x: Tensor,
     thresholds: Sequence[float] | Tensor,
     criterion: Criterion,
-) -> dict[str, Tensor]:
+) -> EnsembleOutput:
     """Batched halting: each stage runs only on the samples still undecided.
 
     Every stage writes its running result for all its active samples; samples that go on
-    are simply overwritten by a later stage, so no halted subset has to be gathered.
+    are simply overwritten by a later stage, so no halted subset has to be gathered. One
+    host sync per stage learns who is left.
 
     ``thresholds`` is one set ``T_1..T_{N-1}`` for the whole batch, or a ``(B, N-1)`` tensor
     with one set per sample: a server batches requests that asked for different operating
     points, and each sample must halt exactly where it would alone. Per-sample thresholds
     are compared in the confidence's dtype, which is what comparing with a Python float
-    does, so a row equal to the shared set gives bit-identical decisions.
+    does, so a row equal to the shared set gives the same decisions.
     """
     per_sample = isinstance(thresholds, Tensor) and thresholds.dim() == 2
+    limits = thresholds.to(x.device) if per_sample else None
     n, batch = len(members), x.shape[0]
     active = torch.arange(batch, device=x.device)
     exit_stage = torch.full((batch,), n - 1, dtype=torch.long, device=x.device)
     confidence = torch.empty(batch, device=x.device)
     probs_out: Tensor | None = None
-    prob_sum: Tensor | None = None
-    limits = thresholds.to(x.device) if per_sample else None
-    for k, member in enumerate(members):
-        probs = _probs(member, x)
-        prob_sum = probs if prob_sum is None else prob_sum + probs
-        mean = running_mean(prob_sum, k + 1)
+    loop = running_means([probability_fn(m) for m in members], x)
+    mean = next(loop)
+    for k in range(n):
         conf = criterion(mean)
         if probs_out is None:
             probs_out = mean.new_empty(batch, mean.shape[1])
@@ -70,28 +116,27 @@ def run_flexible(
             break
         limit = limits[:, k].to(conf.dtype) if per_sample else thresholds[k]
         keep = (~should_halt(conf, limit, is_last=False)).nonzero().squeeze(1)
-        if keep.numel() == 0:  # the one host sync of this stage
+        if keep.numel() == 0:
             break
-        if keep.numel() < active.numel():
-            active, prob_sum, x = active[keep], prob_sum[keep], x[keep]
-            limits = limits[keep] if per_sample else None
-    return {
-        "probs": probs_out,
-        "prediction": probs_out.argmax(dim=1),
-        "exit_stage": exit_stage,
-        "confidence": confidence,
-    }
+        active = active[keep]
+        shrink = keep.numel() < conf.numel()
+        if per_sample and shrink:
+            limits = limits[keep]
+        mean = loop.send(keep if shrink else None)
+    return EnsembleOutput(probs=probs_out, exit_stage=exit_stage, confidence=confidence)
 
 
-def run_prefix(members: Sequence[nn.Module], x: Tensor, criterion: Criterion) -> dict[str, Tensor]:
-    """All members on all samples, keeping every stage's running prediction (oracle)."""
-    prob_sum, means = None, []
-    for k, member in enumerate(members):
-        probs = _probs(member, x)
-        prob_sum = probs if prob_sum is None else prob_sum + probs
-        means.append(running_mean(prob_sum, k + 1))
-    stacked = torch.stack(means)  # (N, B, C)
-    return {"stage_probs": stacked, "stage_confidence": criterion(stacked)}
+def run_prefix(members: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """Every stage's running mean for every sample, ``(N, B, C)``: all members run."""
+    return torch.stack(list(running_means([probability_fn(m) for m in members], x)))
+
+
+def run_oracle(members: Sequence[nn.Module], x: Tensor, criterion: Criterion) -> EnsembleOutput:
+    """Each sample answers at the earliest stage that already agrees with the full ensemble."""
+    stage_probs = run_prefix(members, x)
+    exit_stage = oracle_exits(stage_probs.argmax(dim=2))
+    probs = stage_probs[exit_stage, torch.arange(x.shape[0], device=x.device)]
+    return EnsembleOutput(probs=probs, exit_stage=exit_stage, confidence=criterion(probs))
 
 
 class FlexibleEnsembleModule(L.LightningModule):
@@ -140,7 +185,7 @@ class FlexibleEnsembleModule(L.LightningModule):
             )
         self.mode, self.first_k = mode, first_k
 
-    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> EnsembleOutput:
         """``thresholds``: optional ``(B, N-1)`` per-sample thresholds (``flexible`` mode only),
         for a batch whose samples asked for different operating points."""
         if self.channels_last and x.dim() == 4:
@@ -158,33 +203,14 @@ class FlexibleEnsembleModule(L.LightningModule):
             limits = self.thresholds if thresholds is None else thresholds
             return run_flexible(members, x, limits, self.criterion)
         if self.mode == "oracle":
-            return self._oracle(members, x)
+            return run_oracle(members, x, self.criterion)
         used = members if self.mode == "full" else members[: self.first_k]
         probs = run_full(used, x)
         exit_stage = torch.full((x.shape[0],), len(used) - 1, dtype=torch.long, device=x.device)
-        return {
-            "probs": probs,
-            "prediction": probs.argmax(dim=1),
-            "exit_stage": exit_stage,
-            "confidence": self.criterion(probs),
-        }
+        return EnsembleOutput(probs=probs, exit_stage=exit_stage, confidence=self.criterion(probs))
 
-    def _oracle(self, members: list[nn.Module], x: Tensor) -> dict[str, Tensor]:
-        out = run_prefix(members, x, self.criterion)
-        predictions = out["stage_probs"].argmax(dim=2)  # (N, B)
-        exit_stage = (predictions == predictions[-1:]).to(torch.int8).argmax(dim=0).long()
-        samples = torch.arange(x.shape[0], device=x.device)
-        probs = out["stage_probs"][exit_stage, samples]
-        return {
-            "probs": probs,
-            "prediction": probs.argmax(dim=1),
-            "exit_stage": exit_stage,
-            "confidence": out["stage_confidence"][exit_stage, samples],
-        }
-
-    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(self, batch, batch_idx: int = 0) -> EnsembleOutput:
         x, target = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
         out = self(x)
-        if target is not None:
-            out["target"] = target
+        out.target = target
         return out

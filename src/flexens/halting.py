@@ -4,19 +4,25 @@ After member ``k`` the ensemble's running prediction is ``p̄_k = mean(softmax(z
 A *criterion* maps ``p̄_k`` to a confidence in [0, 1]; the ensemble halts after stage ``k``
 when ``confidence > T_k``. The last member always answers. Calibration (simulation over
 cached logits) and ``FlexibleEnsembleModule.predict_step`` both call :func:`running_mean`,
-the registered criterion and :func:`should_halt`, so they cannot drift apart.
+the registered criterion and :func:`should_halt`, so they cannot drift apart, and every
+execution (flexible, full, first-k, oracle, the calibration's stage table) walks the members
+through the one loop :func:`running_means`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 from torch import Tensor
 
 Criterion = Callable[[Tensor], Tensor]
 """Maps averaged probabilities ``(..., C)`` to a confidence ``(...)`` in [0, 1]."""
+
+ProbabilityFn = Callable[[Tensor], Tensor]
+"""A member as the halting loop sees it: inputs ``(B, ...)`` → class probabilities ``(B, C)``.
+A network is ``softmax(net(x))``; a cached member is its output table indexed by sample."""
 
 _CRITERIA: dict[str, Criterion] = {}
 
@@ -91,21 +97,45 @@ def validate_thresholds(thresholds: Tensor | list[float], num_members: int) -> T
     return t
 
 
+def running_means(
+    members: Sequence[ProbabilityFn], inputs: Tensor
+) -> Generator[Tensor, Tensor | None, None]:
+    """The one execution loop: yields ``p̄_k`` after each member ``k``.
+
+    Plain iteration runs every member on every input. Sending the positions (within the
+    current batch) of the samples that go on, ``loop.send(keep)``, shrinks the batch, so
+    later members only see undecided samples; the running sum shrinks with it.
+    """
+    prob_sum: Tensor | None = None
+    for k, member in enumerate(members, start=1):
+        probs = member(inputs)
+        prob_sum = probs if prob_sum is None else prob_sum + probs
+        keep = yield running_mean(prob_sum, k)
+        if keep is not None:
+            inputs, prob_sum = inputs[keep], prob_sum[keep]
+
+
 def stage_outputs(member_probs: Tensor, criterion: Criterion) -> tuple[Tensor, Tensor]:
     """Confidence and running prediction of every stage for every sample.
 
-    ``member_probs`` is ``(N, S, C)`` (members × samples × classes). Returns
-    ``confidence (N, S)`` and ``prediction (N, S)``, computed stage by stage with the same
-    running-sum arithmetic the halting loop in inference uses.
+    ``member_probs`` is ``(N, S, C)`` (members × samples × classes), cached member outputs.
+    Returns ``confidence (N, S)`` and ``prediction (N, S)``, from the same loop inference runs.
     """
-    prob_sum = torch.zeros_like(member_probs[0])
+    samples = torch.arange(member_probs.shape[1])
     confidences, predictions = [], []
-    for k in range(member_probs.shape[0]):
-        prob_sum = prob_sum + member_probs[k]
-        mean = running_mean(prob_sum, k + 1)
+    for mean in running_means([probs.__getitem__ for probs in member_probs], samples):
         confidences.append(criterion(mean))
         predictions.append(mean.argmax(dim=-1))
     return torch.stack(confidences), torch.stack(predictions)
+
+
+def oracle_exits(predictions: Tensor) -> Tensor:
+    """Earliest stage whose running prediction already equals the full ensemble's.
+
+    ``predictions`` is ``(N, S)``; the result ``(S,)``. The floor any halting rule can reach
+    at full-ensemble accuracy (it needs every member's output, so it is evaluation only).
+    """
+    return (predictions == predictions[-1:]).to(torch.int8).argmax(dim=0).long()
 
 
 def exit_stages(confidence: Tensor, thresholds: Tensor) -> Tensor:

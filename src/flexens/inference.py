@@ -29,7 +29,7 @@ from flexens.calibration.objectives import Objective
 from flexens.calibration.pareto import select_point
 from flexens.calibration.risk import pick_certified
 from flexens.calibration.schema import read_thresholds
-from flexens.ensemble import FlexibleEnsembleModule
+from flexens.ensemble import EnsembleOutput, FlexibleEnsembleModule
 from flexens.images import find_images, load_images
 from flexens.latency import device_name, resolve_device, synchronize
 from flexens.members.registry import Member, load_member
@@ -210,16 +210,17 @@ def measure_latency(
     }
 
 
-def evaluate_mode(trainer: L.Trainer, module: FlexibleEnsembleModule, loader) -> dict:
+def predict_split(trainer: L.Trainer, module: FlexibleEnsembleModule, loader) -> EnsembleOutput:
+    """Every sample's answer in the module's current mode, through ``Trainer.predict``."""
+    return EnsembleOutput.cat(trainer.predict(module, dataloaders=loader)).cpu()
+
+
+def accuracy_summary(out: EnsembleOutput, num_members: int) -> dict:
     """Accuracy, members used and exit stages of one mode over a labelled split."""
-    outputs = trainer.predict(module, dataloaders=loader)
-    cat = {k: torch.cat([o[k] for o in outputs]).cpu() for k in outputs[0]}
-    exits = cat["exit_stage"]
     return {
-        "accuracy": float((cat["prediction"] == cat["target"]).float().mean()),
-        "avg_members": float((exits + 1).float().mean()),
-        "exit_histogram": torch.bincount(exits, minlength=module.num_members).tolist(),
-        "_per_sample": cat,
+        "accuracy": float((out.prediction == out.target).float().mean()),
+        "avg_members": float((out.exit_stage + 1).float().mean()),
+        "exit_histogram": torch.bincount(out.exit_stage, minlength=num_members).tolist(),
     }
 
 
@@ -276,10 +277,7 @@ def infer(cfg: DictConfig) -> dict:
             "full": calibration["calibration"]["full"]["expected_latency_ms"],
             "flexible": expected_flexible_ms,
         }
-        results, sizes = compare_modes(cfg, module, datamodule, device, expected)
-        per_sample = results[cfg.infer.mode].pop("_per_sample")
-        for r in results.values():
-            r.pop("_per_sample", None)
+        results, per_sample, sizes = compare_modes(cfg, module, datamodule, device, expected)
         metrics = {
             **results,
             "ensemble": calibration["ensemble"],
@@ -315,8 +313,9 @@ def infer(cfg: DictConfig) -> dict:
 
 def compare_modes(
     cfg: DictConfig, module: FlexibleEnsembleModule, datamodule, device, expected: dict
-) -> tuple[dict, dict]:
-    """Accuracy and measured latency of the configured mode, ``full`` and the oracle."""
+) -> tuple[dict, EnsembleOutput, dict]:
+    """Accuracy and measured latency of the configured mode, ``full`` and the oracle, and
+    the configured mode's answer for every test sample."""
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -329,10 +328,11 @@ def compare_modes(
     n_stream = min(int(cfg.infer.throughput_images), len(test))
     singles = torch.stack([test[i][0] for i in range(n_single)])
     stream = torch.stack([test[i][0] for i in range(n_stream)])
-    results = {}
+    results, answers = {}, {}
     for mode in dict.fromkeys([cfg.infer.mode, "full", "oracle"]):
         module.set_mode(mode, cfg.infer.first_k)
-        results[mode] = evaluate_mode(trainer, module, datamodule.test_dataloader())
+        answers[mode] = predict_split(trainer, module, datamodule.test_dataloader())
+        results[mode] = accuracy_summary(answers[mode], module.num_members)
         if mode == "oracle":  # the oracle needs every member's output: no latency to claim
             continue
         module.to(device)
@@ -357,19 +357,21 @@ def compare_modes(
         "throughput_images": n_stream,
         "batch_size": int(cfg.infer.batch_size),
     }
-    return results, sizes
+    return results, answers[cfg.infer.mode], sizes
 
 
-def per_sample_rows(per_sample: dict, class_names: list[str]) -> tuple[list[str], list[list]]:
+def per_sample_rows(
+    per_sample: EnsembleOutput, class_names: list[str]
+) -> tuple[list[str], list[list]]:
     columns = ["index", "target", "prediction", "confidence", "members_used"]
     rows = [
         [i, class_names[int(t)], class_names[int(p)], float(c), int(e) + 1]
         for i, (t, p, c, e) in enumerate(
             zip(
-                per_sample["target"],
-                per_sample["prediction"],
-                per_sample["probs"].amax(dim=1),
-                per_sample["exit_stage"],
+                per_sample.target,
+                per_sample.prediction,
+                per_sample.probs.amax(dim=1),
+                per_sample.exit_stage,
                 strict=True,
             )
         )
@@ -388,20 +390,19 @@ def predict_images(
     if not loaded.paths:
         raise ValueError(f"none of the {len(paths)} image(s) under {cfg.input!r} could be read")
     device = next(module.parameters()).device
-    outputs = []
     with torch.inference_mode():
-        for batch in loaded.tensors.split(int(cfg.infer.batch_size)):
-            outputs.append({k: v.cpu() for k, v in module(batch.to(device)).items()})
-    cat = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+        cat = EnsembleOutput.cat(
+            [module(b.to(device)).cpu() for b in loaded.tensors.split(int(cfg.infer.batch_size))]
+        )
     class_names = members[0].meta["class_names"]
     columns = ["file", "class_name", "confidence", "members_used"]
     rows = [
         [str(path), class_names[int(p)], round(float(c), 6), int(e) + 1]
         for path, p, c, e in zip(
             loaded.paths,
-            cat["prediction"],
-            cat["probs"].amax(dim=1),
-            cat["exit_stage"],
+            cat.prediction,
+            cat.probs.amax(dim=1),
+            cat.exit_stage,
             strict=True,
         )
     ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flexens.halting import Criterion, exit_stages, stage_outputs
+from flexens.halting import Criterion, exit_stages, oracle_exits, stage_outputs
 
 
 @dataclass(frozen=True)
@@ -103,5 +103,4 @@ class StageTable:
 
         This is the floor any halting rule can reach at full-ensemble accuracy.
         """
-        agrees = self.predictions == self.predictions[-1:]
-        return self.outcome_of_exits(agrees.argmax(axis=0))
+        return self.outcome_of_exits(oracle_exits(torch.from_numpy(self.predictions)).numpy())

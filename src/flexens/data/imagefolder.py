@@ -93,27 +93,41 @@ class ImageFolderDataModule(EnsembleDataModule):
     def _mean_std(self):
         return (CIFAR_MEAN, CIFAR_STD) if self.preset == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
 
-    def _tensor_tail(self) -> list:
-        mean, std = self._mean_std()
-        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    def decode_stages(self) -> list:
+        """The deterministic head every image goes through first; ``cache_decoded`` stores
+        its output, so both paths then apply the very same random and tensor stages.
 
-    def train_transform(self) -> v2.Compose:
+        ``cifar`` fits images to ``image_size`` here (a no-op on 32×32 CIFAR); ``imagenet``
+        keeps the decoded pixels, because RandomResizedCrop must see the whole image.
+        """
         if self.preset == "cifar":
-            head = [v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip()]
-        else:
-            head = [
+            return [v2.ToImage(), v2.Resize(self.image_size, antialias=True),
+                    v2.CenterCrop(self.image_size)]  # fmt: skip
+        return [v2.ToImage()]
+
+    def tensor_stages(self, augment: bool) -> list:
+        """What follows the decode head: augmentation (training) or the evaluation crop, then
+        float conversion and normalisation."""
+        mean, std = self._mean_std()
+        tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        if self.preset == "cifar":
+            crop = [v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip()]
+            return [*crop, *tail] if augment else tail
+        if augment:
+            crop = [
                 v2.RandomResizedCrop(self.image_size, antialias=True),
                 v2.RandomHorizontalFlip(),
             ]
-        return v2.Compose([v2.ToImage(), *head, *self._tensor_tail()])
-
-    def eval_transform(self) -> v2.Compose:
-        if self.preset == "cifar":
-            head = [v2.Resize(self.image_size, antialias=True), v2.CenterCrop(self.image_size)]
         else:
             resize = int(round(self.image_size * 256 / 224))
-            head = [v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size)]
-        return v2.Compose([v2.ToImage(), *head, *self._tensor_tail()])
+            crop = [v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size)]
+        return [*crop, *tail]
+
+    def train_transform(self) -> v2.Compose:
+        return v2.Compose([*self.decode_stages(), *self.tensor_stages(augment=True)])
+
+    def eval_transform(self) -> v2.Compose:
+        return v2.Compose([*self.decode_stages(), *self.tensor_stages(augment=False)])
 
     def image_transform(self) -> v2.Compose:
         """What an unlabelled image file goes through at inference."""
@@ -128,23 +142,23 @@ class ImageFolderDataModule(EnsembleDataModule):
         return datasets.ImageFolder(str(self.root / split))
 
     def _decoded(self, folder: datasets.ImageFolder, split: str) -> torch.Tensor:
-        """All images of a split as one uint8 tensor, cached by the file list's fingerprint."""
-        key = fingerprint([split, self.image_size, *(self._rel(p) for p, _ in folder.samples)])
+        """All images of a split after the decode head, as one uint8 tensor, cached by the
+        head and the file list's fingerprint."""
+        decode = v2.Compose(self.decode_stages())
+        key = fingerprint([split, repr(decode), *(self._rel(p) for p, _ in folder.samples)])
         path = (self.cache_dir or self.root) / "decoded" / f"{self.name}-{split}-{key}.pt"
         if path.exists():
-            return torch.load(path)
-        to_tensor = v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(self.image_size, antialias=True),
-                v2.CenterCrop(self.image_size),
-            ]
-        )
-        images = torch.stack(
-            [to_tensor(folder.loader(p).convert("RGB")) for p, _ in folder.samples]
-        )
-        torch_save(path, images)
-        return images
+            return torch.load(path, weights_only=True)
+        images = [decode(folder.loader(p)) for p, _ in folder.samples]
+        sizes = {tuple(i.shape) for i in images}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"data.cache_decoded=true needs images of one size under {self.root / split}, "
+                f"found {len(sizes)} (e.g. {sorted(sizes)[:2]}); set data.cache_decoded=false"
+            )
+        stacked = torch.stack(images)
+        torch_save(path, stacked)
+        return stacked
 
     def _rel(self, path: str) -> str:
         """Path relative to the root; a prefix cut, since ``os.path.relpath`` costs seconds
@@ -170,9 +184,9 @@ class ImageFolderDataModule(EnsembleDataModule):
             train_images = self._decoded(train, self.train_split)
             test_images = self._decoded(test, self.test_split)
             return (
-                DecodedImages(train_images, self._targets, self._decoded_transform(True)),
-                DecodedImages(train_images, self._targets, self._decoded_transform(False)),
-                DecodedImages(test_images, list(test.targets), self._decoded_transform(False)),
+                DecodedImages(train_images, self._targets, self._after_decode(True)),
+                DecodedImages(train_images, self._targets, self._after_decode(False)),
+                DecodedImages(test_images, list(test.targets), self._after_decode(False)),
             )
         plain = datasets.ImageFolder(
             str(self.root / self.train_split), transform=self.eval_transform()
@@ -181,17 +195,8 @@ class ImageFolderDataModule(EnsembleDataModule):
         test.transform = self.eval_transform()
         return train, plain, test
 
-    def _decoded_transform(self, augment: bool) -> v2.Compose:
-        if augment and self.preset == "cifar":
-            head = [v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip()]
-        elif augment:
-            head = [
-                v2.RandomResizedCrop(self.image_size, scale=(0.35, 1), antialias=True),
-                v2.RandomHorizontalFlip(),
-            ]
-        else:
-            head = []
-        return v2.Compose([*head, *self._tensor_tail()])
+    def _after_decode(self, augment: bool) -> v2.Compose:
+        return v2.Compose(self.tensor_stages(augment))
 
     @staticmethod
     def _file_sizes(folder: datasets.ImageFolder) -> list[int]:

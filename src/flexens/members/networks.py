@@ -1,4 +1,5 @@
-"""Network factory: the small CIFAR-scale default, torchvision AlexNet, or any timm model."""
+"""Network factory: timm's ``create_model`` for every timm name (the small CIFAR-scale default
+is registered with timm), torchvision's ``get_model`` for torchvision-only names (AlexNet)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
+from timm.models import register_model
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,16 @@ class SmallConvNet(nn.Module):
         return self.head(self.features(x))
 
 
+@register_model
+def small_cnn(pretrained: bool = False, **kwargs) -> SmallConvNet:
+    """timm entry point of :class:`SmallConvNet`, so ``timm.create_model("small_cnn")`` works."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)  # timm passes its hub settings to every entry point
+    if pretrained:
+        raise ValueError("small_cnn has no hub weights; pass a local weights file")
+    return SmallConvNet(**kwargs)
+
+
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
@@ -77,7 +89,7 @@ def is_weights_file(pretrained: str | bool | None) -> bool:
 def create_network(
     arch: str, num_classes: int, in_chans: int = 3, pretrained: str | bool | None = None, **kwargs
 ) -> nn.Module:
-    """Build a member network by name.
+    """Build a member network by name: timm first, then torchvision.
 
     ``pretrained`` is ``None``/``False`` (random init), a local weights file
     (``.pt``/``.pth``/``.bin``/``.safetensors``, loaded after construction; tensors of
@@ -86,42 +98,34 @@ def create_network(
     ``a1_in1k`` (weights ``<arch>.<tag>``). Hub weights come from the Hugging Face hub, so they
     need network access or a filled cache; offline, pass a file instead.
     """
-    hub = pretrained is True or (isinstance(pretrained, str) and not is_weights_file(pretrained))
-    if arch == "small_cnn":
-        net = _construct(
-            arch,
-            lambda: SmallConvNet(num_classes=num_classes, in_chans=in_chans, **kwargs),
-            kwargs,
-        )
-    elif arch == "alexnet":
-        if in_chans != 3:
+    build = network_builder(arch, in_chans)
+    if pretrained is True or (isinstance(pretrained, str) and not is_weights_file(pretrained)):
+        if not (timm.is_model(arch) and timm.models.is_model_pretrained(arch)):
             raise ValueError(
-                f"alexnet takes 3-channel images, this data has {in_chans}; pick another model="
+                f"model.pretrained={pretrained!r} names hub weights, which {arch!r} has none "
+                f"of; pass a local weights file: model.pretrained=/path/to/weights.pth"
             )
-        net = _construct(
-            arch, lambda: torchvision.models.alexnet(num_classes=num_classes, **kwargs), kwargs
-        )
-    elif timm.is_model(arch):
-        if hub:
-            return _timm_from_hub(arch, pretrained, num_classes, in_chans, **kwargs)
-        net = _construct(
-            arch,
-            lambda: timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, **kwargs),
-            kwargs,
-        )
-    else:
-        raise ValueError(
-            f"unknown model architecture {arch!r}; use small_cnn, alexnet or a timm model name "
-            "(see timm.list_models())"
-        )
-    if hub:
-        raise ValueError(
-            f"model.pretrained={pretrained!r} names hub weights, which only timm models have; "
-            f"for {arch!r} pass a local weights file: model.pretrained=/path/to/weights.pth"
-        )
+        return _timm_from_hub(arch, pretrained, num_classes, in_chans, **kwargs)
+    net = _construct(arch, lambda: build(num_classes=num_classes, **kwargs), kwargs)
     if pretrained:
         load_weights(net, pretrained)
     return net
+
+
+def network_builder(arch: str, in_chans: int) -> Callable[..., nn.Module]:
+    """``timm.create_model`` for a timm name, ``torchvision.models.get_model`` otherwise."""
+    if timm.is_model(arch):
+        return lambda **kw: timm.create_model(arch, in_chans=in_chans, **kw)
+    if arch in torchvision.models.list_models():
+        if in_chans != 3:
+            raise ValueError(
+                f"{arch} takes 3-channel images, this data has {in_chans}; pick another model="
+            )
+        return lambda **kw: torchvision.models.get_model(arch, weights=None, **kw)
+    raise ValueError(
+        f"unknown model architecture {arch!r}; use a timm model name (see timm.list_models(), "
+        "small_cnn is the default) or a torchvision one such as alexnet"
+    )
 
 
 _UNEXPECTED = re.compile(r"(?:([\w.]+)\.__init__\(\) |^)got an unexpected keyword argument '(\w+)'")
@@ -136,16 +140,18 @@ def _unexpected_kwarg(err: TypeError, kwargs: dict) -> str | None:
 
 
 def _network_class(arch: str, err: TypeError) -> type | None:
-    """The class whose constructor refused the kwarg: ours, torchvision's AlexNet, or timm's."""
-    if arch == "small_cnn":
-        return SmallConvNet
-    if arch == "alexnet":
-        return torchvision.models.AlexNet
+    """The class whose constructor refused the kwarg: it lives in the module of the model's
+    timm entry point or torchvision builder."""
     match = _UNEXPECTED.search(str(err))
     if not match or not match.group(1):
         return None
-    try:  # timm: the class lives in the module of the model's entry point
-        module = importlib.import_module(timm.models.model_entrypoint(arch).__module__)
+    try:
+        entry = (
+            timm.models.model_entrypoint(arch)
+            if timm.is_model(arch)
+            else torchvision.models.get_model_builder(arch)
+        )
+        module = importlib.import_module(entry.__module__)
     except Exception:
         return None
     found = getattr(module, match.group(1).rsplit(".", 1)[-1], None)
@@ -204,23 +210,27 @@ def _timm_from_hub(
 
 
 def load_weights(net: nn.Module, path: str) -> None:
-    """Load a local state dict, skipping tensors whose shape differs (e.g. a new head)."""
+    """Load a local state dict, skipping tensors whose shape differs (e.g. a new head).
+
+    timm's ``load_state_dict`` reads safetensors or a tensors-only pickle (``weights_only``:
+    nothing in the file runs) and unwraps ``state_dict``/``model`` keys and DDP prefixes.
+    """
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(
             f"pretrained weights file {str(file)!r} does not exist; fix model.pretrained"
         )
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = timm.models.load_state_dict(str(file), use_ema=False, weights_only=True)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"cannot read weights from {str(file)!r} ({type(err).__name__}: {reason}); pass a "
+            "safetensors file or a torch state dict of tensors"
+        ) from None
     own = net.state_dict()
-    for prefix in ("net.", "module."):  # a Lightning MemberModule checkpoint, a DDP-wrapped save
-        if not any(k in own for k in state) and any(k.startswith(prefix) for k in state):
-            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if not any(k in own for k in state) and any(k.startswith("net.") for k in state):
+        state = {k.removeprefix("net."): v for k, v in state.items()}  # a Lightning checkpoint
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
         raise ValueError(

@@ -73,9 +73,9 @@ class EnsembleAPI(ls.LitAPI):
         x, limits, points = batch
         with torch.inference_mode():
             out = self.module(x.to(self.device), thresholds=limits)
-            confidence = out["probs"].amax(dim=1).cpu().tolist()
-            prediction = out["prediction"].cpu().tolist()
-            exits = out["exit_stage"].cpu().tolist()
+            confidence = out.probs.amax(dim=1).cpu().tolist()
+            prediction = out.prediction.cpu().tolist()
+            exits = out.exit_stage.cpu().tolist()
         return [
             {
                 "class_name": self.class_names[p],

@@ -258,7 +258,7 @@ def same_answer(a: dict, b: dict) -> bool:
 def test_each_request_is_served_at_its_own_operating_point(served, tmp_path):
     """Every image at every point, all at once (batches mix points), then one by one."""
     url, _ = served
-    paths = digit_images(tmp_path / "images")
+    paths = digit_images(tmp_path / "images", count=12)
     asks = [(path, point) for path in paths for point in POINTS]
     with ThreadPoolExecutor(12) as pool:
         mixed = list(pool.map(lambda a: post(url, a[0], **a[1]).json(), asks))

@@ -13,12 +13,65 @@ every sample. Per-sample thresholds cost one gather per stage and neither.
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
+from queue import Empty, Queue
 
 import litserve as ls
 import torch
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
 
 from flexens.ensemble import FlexibleEnsembleModule
+
+POLL_S = 0.05
+"""How long the worker blocks on an empty queue before looking again (no busy waiting)."""
+
+
+class DrainingLoop(BatchedLoop):
+    """Dynamic batching that never makes a lone request wait.
+
+    LitServe's batched loop holds every batch open for ``batch_timeout``, even a batch of
+    one on an idle server, so that delay is paid by every request; with ``batch_timeout=0``
+    it polls an empty queue in a busy loop instead, taking a core. This loop blocks for the
+    first request, then takes whatever else is already queued (up to ``max_batch_size``),
+    waiting at most ``batch_timeout`` more to fill it. Under load, requests pile up while a
+    batch computes, so batches grow exactly when there is load to batch.
+    """
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Queue, transport):
+        try:
+            items = [request_queue.get(timeout=POLL_S)]
+        except Empty:
+            return [], []
+        deadline = time.monotonic() + lit_api.batch_timeout
+        while len(items) < lit_api.max_batch_size:
+            try:
+                items.append(request_queue.get_nowait())
+            except Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append(request_queue.get(timeout=remaining))
+                except Empty:
+                    break
+        return self._sort(lit_api, items)
+
+    @staticmethod
+    def _sort(lit_api: ls.LitAPI, items: list) -> tuple[list, list]:
+        """Payloads to run, and requests that waited past LitServer's ``timeout`` (504)."""
+        payloads, timed_out = [], []
+        expires = lit_api.request_timeout not in (-1, False, None)
+        for item in items:
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            response_queue_id, uid, timestamp, payload = item
+            if expires and time.monotonic() - timestamp > lit_api.request_timeout:
+                timed_out.append((response_queue_id, uid))
+            else:
+                payloads.append((response_queue_id, uid, payload))
+        return payloads, timed_out
 
 
 class EnsembleAPI(ls.LitAPI):
@@ -33,7 +86,9 @@ class EnsembleAPI(ls.LitAPI):
         max_batch_size: int,
         batch_timeout: float,
     ) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        super().__init__(
+            max_batch_size=max_batch_size, batch_timeout=batch_timeout, loop=DrainingLoop()
+        )
         self.thresholds_path, self.members_dir = thresholds, members_dir
         self.mode, self.threads = mode, threads
 

@@ -91,8 +91,9 @@ def serve(cfg: DictConfig) -> None:
     print(f"serving {calibration['ensemble']} ({settings.mode}) at operating point {point.name}")
     print(point.describe())
     if len(parts.ladder) > 1:
-        steps = ", ".join(f"{p.name} ({p.expected_ms:.3g} ms)" for p in parts.ladder)
-        print(f"slo mode: p99 <= {settings.slo_ms:g} ms, stepping along {steps}")
+        print(f"slo mode: p99 <= {settings.slo_ms:g} ms, stepping along")
+        for level, step in enumerate(parts.ladder):
+            print(f"slo ladder {level}: {step.describe()}")
     signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: LitServe ends its workers
     url = f"http://{settings.host}:{settings.port}"
     print(f"POST {url}/predict  GET {url}/health  GET {url}/metrics", flush=True)

@@ -146,9 +146,15 @@ def run_locust(
         command = [
             sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks/serve_locustfile.py"),
             "--headless", "--host", url, "-u", str(users), "-r", str(users),
-            "-t", f"{args.seconds}s", "--only-summary", "--loglevel", "WARNING",
+            "-t", f"{round(args.seconds)}s", "--only-summary", "--loglevel", "WARNING",
         ]  # fmt: skip
-        subprocess.run(command, env=env, capture_output=True, timeout=args.seconds + 60)
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=args.seconds + 60
+        )
+        if not out.is_file():
+            raise RuntimeError(
+                f"locust wrote no records:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
         records = json.loads(out.read_text())
     return summarise(records, rate)
 
@@ -157,9 +163,8 @@ def summarise(records: list, offered: float) -> dict:
     start = np.array([r[0] for r in records])
     latency = np.array([r[1] for r in records])
     ok = np.array([r[2] == 200 for r in records])
-    # throughput over the steady part: drop the first second (users ramping up)
-    steady = start >= start.min() + 1.0
-    span = start[steady].max() - start[steady].min() if steady.sum() > 1 else 1.0
+    end = start + latency / 1e3
+    span = max(end.max() - start.min(), 1e-9)
     points: dict[str, int] = {}
     for r in records:
         points[r[5]] = points.get(r[5], 0) + 1
@@ -167,7 +172,7 @@ def summarise(records: list, offered: float) -> dict:
         "offered_rps": offered,
         "requests": len(records),
         "errors": int((~ok).sum()),
-        "throughput_rps": float(ok[steady].sum() / span),
+        "throughput_rps": float(ok.sum() / span),
         "p50_ms": float(np.percentile(latency[ok], 50)),
         "p99_ms": float(np.percentile(latency[ok], 99)),
         "accuracy": float(np.mean([r[3] for r in records if r[2] == 200])),
@@ -356,6 +361,7 @@ def slo_verdict(ramp: dict, capacity: float, slo_ms: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    load_before = os.getloadavg()[1]
     results_dir = ROOT / "benchmarks/results"
     with tempfile.TemporaryDirectory() as tmp:
         images = labelled_images(args.data, args.images, Path(tmp))
@@ -366,7 +372,11 @@ def main(argv: list[str] | None = None) -> None:
         slo_ms = args.slo_ms or round(4 * results["full@1"]["p50_ms"])
         ramp = load_ramp(args, images_file, capacity, slo_ms)
     info = machine_info()
-    machine = f"{info['device']}, {info['cpu_count']}-core CPU VM shared with other jobs"
+    load = f"{load_before:.1f} before, {os.getloadavg()[1]:.1f} after"
+    machine = (
+        f"{info['device']}, {info['cpu_count']}-core CPU VM shared with other jobs "
+        f"(5-minute load average {load})"
+    )
     write_json(
         results_dir / "serve_load.json",
         {

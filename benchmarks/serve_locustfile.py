@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from itertools import count
 from pathlib import Path
 
+import gevent
 from locust import FastHttpUser, constant, constant_throughput, events, task
 
 IMAGES = [
@@ -29,6 +31,10 @@ RECORDS: list[tuple[float, float, int, int, int, str]] = []
 
 class ImagePoster(FastHttpUser):
     wait_time = constant_throughput(RATE) if RATE > 0 else constant(0)
+
+    def on_start(self) -> None:
+        if RATE > 0:  # spread the users' first requests: an open loop, not a burst
+            gevent.sleep(random.uniform(0, 1.0 / RATE))
 
     @task
     def predict(self) -> None:

@@ -71,6 +71,7 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         accelerator="cuda" if device.type == "cuda" else "cpu",
         workers_per_device=settings.workers_per_device,
         timeout=settings.timeout,
+        fast_queue=settings.fast_queue,
         middlewares=[(RequestGate, gate)],
         model_metadata={"ensemble": calibration["ensemble"], "criterion": calibration["criterion"]},
     )

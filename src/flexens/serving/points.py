@@ -132,7 +132,18 @@ class ServingFront:
         return self._cache[key]
 
     def ladder(self, max_drops: list[float]) -> list[ServedPoint]:
-        """SLO mode's levels: the default, then the certified points at each ``max_drop``."""
+        """SLO mode's levels: the default, then the certified points at each ``max_drop``
+        that is cheaper than the level before it (a looser ε may certify the same point)."""
         if self.full:
             raise ValueError("SLO mode steps between flexible points; it needs serve.mode=flexible")
-        return [self.default] + [self._choose("max_drop", float(e)) for e in max_drops]
+        levels = [self.default]
+        for epsilon in sorted(max_drops):
+            point = self._choose("max_drop", float(epsilon))
+            if point.expected_ms < levels[-1].expected_ms:
+                levels.append(point)
+        if len(levels) < 2:
+            raise ValueError(
+                f"no point of serve.slo.ladder {max_drops} is cheaper than the default "
+                f"{self.default.name}; add larger max_drop values"
+            )
+        return levels

@@ -29,6 +29,7 @@ class ServeSettings:
     timeout: float
     max_body_bytes: int
     max_pixels: int
+    fast_queue: bool
     device: str
     default_point: tuple[str, float] | None
     limits: dict[str, tuple[float, float] | None]
@@ -110,6 +111,7 @@ def read_settings(cfg: DictConfig) -> ServeSettings:
         timeout=_number(s["timeout"], "timeout"),
         max_body_bytes=_whole(s["max_body_bytes"], "max_body_bytes", 1),
         max_pixels=_whole(s["max_pixels"], "max_pixels", 1),
+        fast_queue=bool(s["fast_queue"]),
         device=str(cfg.device),
         default_point=_default_point(s["operating_point"]),
         limits=_limits(s["limits"]),

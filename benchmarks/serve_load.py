@@ -280,6 +280,20 @@ def plot(ramp: dict, capacity: float, slo_ms: float, path: Path) -> None:
     plt.close(fig)
 
 
+def ramp_table(ramp: dict, capacity: float) -> list[str]:
+    names = ("full", "flexible", "flexible+slo")
+    rows = [
+        "| offered req/s | " + " | ".join(f"{n} p99 ms (acc)" for n in names) + " |",
+        "|---|---|---|---|",
+    ]
+    for i, factor in enumerate(RAMP):
+        cells = [
+            f"{ramp[n][i]['p99_ms']:.0f} ({100 * ramp[n][i]['accuracy']:.1f} %)" for n in names
+        ]
+        rows.append(f"| {factor * capacity:.0f} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def section(results: dict, ramp: dict, capacity: float, slo_ms: float, machine: str) -> str:
     rows = [
         "| mode | concurrency | req/s | p50 ms | p99 ms | members | accuracy |",
@@ -296,18 +310,7 @@ def section(results: dict, ramp: dict, capacity: float, slo_ms: float, machine: 
     gain = flex8["throughput_rps"] / full8["throughput_rps"]
     p99_ratio = flex8["p99_ms"] / full8["p99_ms"]
     overhead = results["server_batch1_ms"] - results["inprocess_batch1_ms"]
-    ramp_rows = [
-        "| offered req/s | "
-        + " | ".join(f"{n} p99 ms (acc)" for n in ("full", "flexible", "flexible+slo"))
-        + " |",
-        "|---|---|---|---|",
-    ]
-    for i, factor in enumerate(RAMP):
-        cells = [
-            f"{ramp[n][i]['p99_ms']:.0f} ({100 * ramp[n][i]['accuracy']:.1f} %)"
-            for n in ("full", "flexible", "flexible+slo")
-        ]
-        ramp_rows.append(f"| {factor * capacity:.0f} | " + " | ".join(cells) + " |")
+    ramp_rows = ramp_table(ramp, capacity)
     verdict = slo_verdict(ramp, capacity, slo_ms)
     lines = [
         f"Machine: {machine}; one run, `python benchmarks/serve_load.py --update-docs`. Server: "

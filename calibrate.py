@@ -8,12 +8,17 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("FLEXENS_ROOT", str(Path(__file__).resolve().parent))
 
+from flexens.memo import SweepMemo  # noqa: E402
+
+SWEEP_MEMO = SweepMemo()
+"""What the jobs of a sweep run in this process share (inputs, λ curve, plots)."""
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     from flexens.cli import run
 
-    run("calibrate", cfg)
+    run("calibrate", cfg, SWEEP_MEMO)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import overhead  # noqa: E402
 
 from flexens.artifacts import replace_marked_section, write_json, write_text  # noqa: E402
 from flexens.calibration.cache import split_probs  # noqa: E402
-from flexens.calibration.run import calibrate  # noqa: E402
 from flexens.calibration.simulate import StageTable  # noqa: E402
 from flexens.ensemble import EnsembleOutput, FlexibleEnsembleModule  # noqa: E402
 from flexens.halting import get_criterion  # noqa: E402
@@ -44,7 +43,9 @@ from flexens.latency import machine_info, resolve_device, stage_costs_ms  # noqa
 from flexens.members.module import MemberModule  # noqa: E402
 from flexens.members.registry import load_ensemble  # noqa: E402
 from flexens.members.train import member_arch  # noqa: E402
+from flexens.memo import SweepMemo  # noqa: E402
 from flexens.reporting.plots import plot_accuracy_vs_latency  # noqa: E402
+from flexens.tasks.calibrate import calibrate  # noqa: E402
 
 CRITERIA = ("margin", "max_prob", "entropy")
 LAMBDAS = {"quality": 100.0, "default": 10.0, "speed": 1.0}
@@ -242,7 +243,7 @@ def run(args) -> dict:
     labels_np = labels.numpy()
 
     # calibrations: criteria × λ, and the max-drop operating point
-    calibrations = {}
+    calibrations, memo = {}, SweepMemo()
     first = True
     for criterion in CRITERIA:
         for tag, lam in LAMBDAS.items():
@@ -259,7 +260,8 @@ def run(args) -> dict:
                         f"calibrate.reprofile={first}",
                         f"calibrate.output={results_dir / 'runs' / criterion / tag / 'thresholds.json'}",
                     ],
-                )
+                ),
+                memo,
             )
             first = False
     for eps in CERTIFIED_EPS:
@@ -275,7 +277,8 @@ def run(args) -> dict:
                     f"calibrate.max_drop={eps}",
                     f"calibrate.output={results_dir / 'runs' / tag / 'thresholds.json'}",
                 ],
-            )
+            ),
+            memo,
         )
     profile = next(iter(calibrations.values()))["latency_profile"]
     costs = stage_costs_ms(profile)

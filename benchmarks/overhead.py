@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from flexens.artifacts import write_json
@@ -125,10 +124,7 @@ def load_members(members_dir: Path) -> tuple[list[Member], list[float] | None, s
     # Imported here: it pulls in the loggers (wandb), seconds the synthetic path can skip.
     from flexens.inference import load_calibrated_members
 
-    cfg = OmegaConf.create(
-        {"infer": {"thresholds": str(thresholds_file)}, "paths": {"members_dir": str(members_dir)}}
-    )
-    members, calibration = load_calibrated_members(cfg)
+    members, calibration = load_calibrated_members(thresholds_file, members_dir)
     return members, calibration["thresholds"], calibration["criterion"], str(thresholds_file)
 
 

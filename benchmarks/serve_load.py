@@ -189,10 +189,10 @@ def in_process_latency(args: argparse.Namespace, images: list[tuple[str, str]]) 
 
     from flexens.ensemble import FlexibleEnsembleModule
     from flexens.images import decode_image
-    from flexens.inference import load_calibration
+    from flexens.inference import load_calibrated_members
 
     torch.set_num_threads(1)
-    members, calibration = load_calibration(args.thresholds, args.members_dir)
+    members, calibration = load_calibrated_members(args.thresholds, args.members_dir)
     module = FlexibleEnsembleModule(
         [m.network for m in members], calibration["thresholds"], calibration["criterion"]
     ).eval()

@@ -107,8 +107,6 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
     thread that waits for a core makes every op ~40x slower; child processes inherit this.
     ``seed_everything`` in an in-process run exports its seed for Lightning's child processes.
     """
-    from flexens.calibration import loading as calibration_inputs
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
         monkeypatch.setenv(key, "0")
@@ -117,4 +115,3 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    calibration_inputs._last = None  # let the members of the last calibration go

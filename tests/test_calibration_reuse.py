@@ -6,21 +6,19 @@ import shutil
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from conftest import ROOT
-from flexens.calibration import loading as inputs_module
-from flexens.calibration.loading import calibration_inputs
-from flexens.calibration.run import calibrate
-from flexens.reporting import plots
+from flexens.latency import resolve_device
+from flexens.memo import SweepMemo
+from flexens.tasks.calibrate import calibrate, calibration_inputs, ensemble_files
 
 
 @pytest.fixture
 def outputs(digits_ensemble, tmp_path):
     """A private copy of the trained digits members (their files get touched here)."""
     shutil.copytree(digits_ensemble / "members", tmp_path / "members")
-    inputs_module._last = None
-    yield tmp_path
-    inputs_module._last = None
+    return tmp_path
 
 
 def config(out, *overrides):
@@ -32,17 +30,25 @@ def config(out, *overrides):
 
 
 def test_inputs_are_reused_until_something_that_shapes_them_changes(outputs):
-    first = calibration_inputs(config(outputs, "calibrate.lam=0"))
-    assert calibration_inputs(config(outputs, "calibrate.lam=3")) is first
-    assert calibration_inputs(config(outputs, "calibrate.objective=max_drop")) is first
+    memo = SweepMemo()
 
-    by_entropy = calibration_inputs(config(outputs, "calibrate.criterion=entropy"))
+    def inputs(*overrides):
+        cfg = config(outputs, *overrides)
+        settings = instantiate(cfg.calibrate)
+        return calibration_inputs(cfg, settings, ensemble_files(cfg), resolve_device("cpu"), memo)
+
+    first = inputs("calibrate.lam=0")
+    assert inputs("calibrate.lam=3") is first
+    assert inputs("calibrate.objective=max_drop") is first
+
+    by_entropy = inputs("calibrate.criterion=entropy")
     assert by_entropy is not first and by_entropy.table.num_samples == first.table.num_samples
+    assert len(memo.inputs) == 1  # the old inputs were let go
 
     member = outputs / "members/digits-small_cnn/seed=1.safetensors"
     stat = member.stat()
     os.utime(member, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # "retrained"
-    assert calibration_inputs(config(outputs, "calibrate.criterion=entropy")) is not by_entropy
+    assert inputs("calibrate.criterion=entropy") is not by_entropy
 
 
 def strip_timing(report: dict) -> dict:
@@ -53,7 +59,7 @@ def strip_timing(report: dict) -> dict:
 
 
 def test_a_sweep_job_reports_what_an_independent_run_reports(outputs, tmp_path):
-    def run(lam, name):
+    def run(lam, name, memo):
         cfg = config(
             outputs,
             "calibrate.objective=lambda",
@@ -61,13 +67,13 @@ def test_a_sweep_job_reports_what_an_independent_run_reports(outputs, tmp_path):
             f"paths.run_dir={tmp_path / name}",
             f"calibrate.output={tmp_path / name}.json",
         )
-        return strip_timing(calibrate(cfg))
+        return strip_timing(calibrate(cfg, memo))
 
-    run(0, "warm")  # leaves its inputs, λ curve and plots in memory
-    in_sweep = run(10, "in_sweep")
-    inputs_module._last = None
-    plots._RENDERED.clear()
-    independent = run(10, "independent")
+    sweep = SweepMemo()
+    run(0, "warm", sweep)  # leaves its inputs, λ curve and plots in the sweep's memo
+    in_sweep = run(10, "in_sweep", sweep)
+    assert len(sweep.derived) and len(sweep.plots)
+    independent = run(10, "independent", SweepMemo())
     assert in_sweep == independent
     for png in ("confidence_histogram.png", "accuracy_vs_latency.png", "pareto_front.png"):
         assert (tmp_path / "in_sweep" / png).read_bytes() == (

@@ -25,12 +25,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import ROOT, make_image_tree, run_script
-from flexens.calibration.run import calibrate
 from flexens.cli import run as cli_run
-from flexens.inference import infer
 from flexens.members.networks import create_network
 from flexens.members.registry import load_member
 from flexens.members.train import member_arch, train_member
+from flexens.memo import SweepMemo
+from flexens.tasks.calibrate import calibrate
+from flexens.tasks.infer import infer
 
 CONF = ROOT / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -137,7 +138,8 @@ def train_calibrate_infer(
         compose_cfg(
             "calibrate",
             [*common, *CALIBRATE_TINY, "device=cpu", f"paths.run_dir={out}/cal"],
-        )
+        ),
+        SweepMemo(),
     )
     metrics = infer(
         compose_cfg(
@@ -394,7 +396,8 @@ def test_heterogeneous_ensemble_of_real_architectures(tmp_path: Path, image_tree
                 "device=cpu",
                 f"paths.run_dir={tmp_path}/c",
             ],
-        )
+        ),
+        SweepMemo(),
     )
     profiled = report["latency_profile"]["members"]
     costs = [m["batch1_ms"] for m in profiled]

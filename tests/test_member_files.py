@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -398,9 +398,6 @@ def test_thresholds_name_members_by_file_inside_the_members_folder(tmp_path: Pat
     assert described[0]["sha256"] == hashlib.sha256(paths[0].read_bytes()).hexdigest()
     thresholds = tmp_path / "elsewhere" / "thresholds.json"
     thresholds.parent.mkdir()
-    cfg = OmegaConf.create(
-        {"infer": {"thresholds": str(thresholds)}, "paths": {"members_dir": str(paths[0].parent)}}
-    )
 
     def with_members(members: list[dict]) -> None:
         thresholds.write_text(
@@ -408,18 +405,18 @@ def test_thresholds_name_members_by_file_inside_the_members_folder(tmp_path: Pat
         )
 
     with_members(described)
-    loaded, _ = load_calibrated_members(cfg)
+    loaded, _ = load_calibrated_members(thresholds, paths[0].parent)
     assert [m.path for m in loaded] == paths
     for name in ("../seed=0.safetensors", str(paths[0]), "sub/seed=0.safetensors", ".."):
         with_members([{**described[0], "path": name}, described[1]])
         with pytest.raises(ValueError, match="not a file name inside the members folder"):
-            load_calibrated_members(cfg)
+            load_calibrated_members(thresholds, paths[0].parent)
     with_members([described[0], {**described[1], "sha256": "0" * 64}])
     with pytest.raises(ValueError, match=r"seed=1\.safetensors changed since .* was calibrated"):
-        load_calibrated_members(cfg)
+        load_calibrated_members(thresholds, paths[0].parent)
     with_members([described[0], {**described[0]}])
     with pytest.raises(ValueError, match="hold the same weights"):
-        load_calibrated_members(cfg)
+        load_calibrated_members(thresholds, paths[0].parent)
 
 
 # -- finished means complete, and trained with this recipe ----------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
+from flexens.memo import Memo
 from flexens.reporting.plots import (
     _content_key,
     plot_accuracy_vs_latency,
@@ -77,16 +78,21 @@ def test_overwrite_replaces_existing_file(tmp_path: Path) -> None:
 
 def test_identical_inputs_reuse_the_rendered_png(tmp_path: Path, monkeypatch) -> None:
     latency, accuracy = np.array([1.0, 2.0, 3.0]), np.array([0.8, 0.9, 0.95])
-    first = plot_pareto_front(tmp_path / "a.png", latency, accuracy, chosen=(2.0, 0.9))
+    memo = Memo(keep=4)
+    first = plot_pareto_front(tmp_path / "a.png", latency, accuracy, chosen=(2.0, 0.9), memo=memo)
 
     def no_drawing(*args, **kwargs):
         raise AssertionError("drew a figure it had already rendered")
 
     monkeypatch.setattr(Figure, "savefig", no_drawing)
-    again = plot_pareto_front(tmp_path / "b.png", latency.copy(), accuracy, chosen=(2.0, 0.9))
+    again = plot_pareto_front(
+        tmp_path / "b.png", latency.copy(), accuracy, chosen=(2.0, 0.9), memo=memo
+    )
     assert again.read_bytes() == first.read_bytes()
     with pytest.raises(AssertionError, match="already rendered"):  # another chosen point draws
-        plot_pareto_front(tmp_path / "c.png", latency, accuracy, chosen=(3.0, 0.95))
+        plot_pareto_front(tmp_path / "c.png", latency, accuracy, chosen=(3.0, 0.95), memo=memo)
+    with pytest.raises(AssertionError, match="already rendered"):  # no memo: always draws
+        plot_pareto_front(tmp_path / "d.png", latency, accuracy, chosen=(2.0, 0.9))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
 
 

@@ -13,38 +13,31 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from flexens.artifacts import write_text
+from flexens.memo import SweepMemo
 
 USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)
 FAILED_JOBS = ".failed_jobs"
 """Folder of the sweep directory holding one ``<job number>.txt`` per failed job."""
 
 
-def run(task: str, cfg: DictConfig) -> None:
-    """Run ``task``; bad input ends with ``error: <one line>`` (exit 2, or a failed job)."""
+def run(task: str, cfg: DictConfig, memo: SweepMemo | None = None) -> None:
+    """Run ``task``; bad input ends with ``error: <one line>`` (exit 2, or a failed job).
+
+    ``memo`` is what the jobs of a sweep in this process share (the entry point owns it).
+    """
     try:
-        if task == "train":
-            from flexens.members.train import train_member
-
-            train_member(cfg)
-        elif task == "calibrate":
-            from flexens.calibration.run import calibrate
-
-            calibrate(cfg)
-        elif task == "infer":
-            from flexens.inference import infer
-
-            infer(cfg)
-        elif task == "serve":
-            from flexens.serving.app import serve
-
-            serve(cfg)
-        else:
-            raise ValueError(f"unknown task {task!r}")
+        try:
+            dispatch(task, cfg, memo or SweepMemo())
+        except InstantiationException as err:  # a typed config object refused a value
+            if isinstance(err.__cause__, USER_ERRORS):
+                raise err.__cause__ from None
+            raise
     except USER_ERRORS as err:
         message = " ".join(str(err.args[0] if err.args else repr(err)).split())
         print(f"error: {message}", file=sys.stderr)
@@ -54,6 +47,27 @@ def run(task: str, cfg: DictConfig) -> None:
         overrides = " ".join(HydraConfig.get().overrides.task)
         folder = Path(HydraConfig.get().sweep.dir) / FAILED_JOBS
         write_text(folder / f"{job.num}.txt", f"#{job.num} ({overrides}): {message}\n")
+
+
+def dispatch(task: str, cfg: DictConfig, memo: SweepMemo) -> None:
+    if task == "train":
+        from flexens.members.train import train_member
+
+        train_member(cfg)
+    elif task == "calibrate":
+        from flexens.tasks.calibrate import calibrate
+
+        calibrate(cfg, memo)
+    elif task == "infer":
+        from flexens.tasks.infer import infer
+
+        infer(cfg)
+    elif task == "serve":
+        from flexens.serving.app import serve
+
+        serve(cfg)
+    else:
+        raise ValueError(f"unknown task {task!r}")
 
 
 def in_sweep() -> bool:

@@ -1,8 +1,9 @@
-"""``infer.py``: flexible vs full execution on the test split, or predictions for images.
+"""Flexible vs full execution on the test split, or predictions for images in the wild.
 
 Accuracy and exit stages come from ``Trainer.predict`` over the test split; latency and
 throughput are measured separately on preloaded tensors (wall clock, after warm-up,
 synchronised on GPU) so that data loading does not blur the comparison between modes.
+Everything here takes typed objects; :mod:`flexens.tasks.infer` composes them.
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ import csv
 import io
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
-from flexens.artifacts import write_json, write_text
+from flexens.artifacts import write_text
 from flexens.calibration.certificate import (
-    certificate_line,
     certificate_metrics,
     certified_thresholds,
 )
@@ -29,11 +28,11 @@ from flexens.calibration.objectives import Objective
 from flexens.calibration.pareto import select_point
 from flexens.calibration.risk import pick_certified
 from flexens.calibration.schema import read_thresholds
-from flexens.ensemble import EnsembleOutput, FlexibleEnsembleModule
+from flexens.ensemble import MODES, EnsembleOutput, FlexibleEnsembleModule
 from flexens.images import find_images, load_images
-from flexens.latency import device_name, resolve_device, synchronize
+from flexens.latency import device_name, synchronize
 from flexens.members.registry import Member, load_member
-from flexens.reporting.loggers import build_logger, close_logger, log_config, log_table, run_dir
+from flexens.reporting.loggers import log_table
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +40,75 @@ GAP_WARNING = 0.20
 """Flag measured batch-1 latency that differs from the calibration's expectation by more."""
 
 
-def load_calibrated_members(cfg: DictConfig) -> tuple[list[Member], dict]:
-    """The members named in thresholds.json, checked by count and weights hash.
+@dataclass(frozen=True)
+class OperatingPointRequest:
+    """``infer.operating_point``: at most one of ``lam``, ``max_drop`` (certified) or
+    ``budget_ms``; none serves the calibrated thresholds."""
 
-    thresholds.json names each member by its file name inside ``paths.members_dir``; a name
-    that leads elsewhere is refused, and each file's hash is checked against the one
-    recorded at calibration before its weights are deserialised.
-    """
-    return load_calibration(Path(cfg.infer.thresholds), Path(cfg.paths.members_dir))
+    lam: float | None = None
+    max_drop: float | None = None
+    budget_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [k for k in ("lam", "max_drop", "budget_ms") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"pick one infer.operating_point setting, got {chosen}")
+
+    @property
+    def chosen(self) -> tuple[str, float] | None:
+        for key in ("lam", "max_drop", "budget_ms"):
+            if getattr(self, key) is not None:
+                return key, float(getattr(self, key))
+        return None
 
 
-def load_calibration(
+@dataclass(frozen=True)
+class InferSettings:
+    """The ``infer`` config group (conf/infer/default.yaml), checked before any member loads."""
+
+    thresholds: str
+    mode: str = "flexible"
+    first_k: int | None = None
+    batch_size: int = 256
+    latency_images: int = 200
+    throughput_images: int = 4096
+    warmup: int = 10
+    channels_last: bool = False
+    operating_point: OperatingPointRequest = field(default_factory=OperatingPointRequest)
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "latency_images", "throughput_images"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"infer.{key} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"infer.warmup must be a whole number >= 0, got {self.warmup!r}")
+        if self.mode not in MODES:
+            raise ValueError(
+                f"unknown mode {self.mode!r}; use one of {', '.join(MODES)} (infer.mode=...)"
+            )
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The thresholds served, their name, expected ms/image and certificate (or estimate)."""
+
+    thresholds: list[float]
+    name: str
+    expected_latency_ms: float
+    certificate: dict
+
+
+def load_calibrated_members(
     path: Path, members_dir: Path, setting: str = "infer.thresholds"
 ) -> tuple[list[Member], dict]:
-    """:func:`load_calibrated_members` from plain paths (the server's workers load with it);
-    ``setting`` is what the user passes to point at another thresholds file."""
+    """The members named in thresholds.json, checked by count and weights hash.
+
+    thresholds.json names each member by its file name inside ``members_dir``; a name
+    that leads elsewhere is refused, and each file's hash is checked against the one
+    recorded at calibration before its weights are deserialised. ``setting`` is what the
+    user passes to point at another file (``serve.thresholds`` for the server).
+    """
     if not path.is_file():
         raise FileNotFoundError(
             f"thresholds file {str(path)!r} does not exist; run calibrate.py first "
@@ -86,47 +139,19 @@ OPERATING_POINT_OBJECTIVES = {"lam": "lambda", "budget_ms": "budget"}
 Pareto front; ``max_drop`` picks from the certified front instead."""
 
 
-def operating_point(cfg: DictConfig, calibration: dict) -> tuple[list[float], str, float, dict]:
-    """Thresholds, their name, expected ms/image and certificate: the calibrated ones, or
-    another point of the calibration's fronts chosen by ``infer.operating_point``."""
-    op = cfg.infer.operating_point
-    chosen = {k: op[k] for k in ("lam", "max_drop", "budget_ms") if op.get(k) is not None}
-    if len(chosen) > 1:
-        raise ValueError(f"pick one infer.operating_point setting, got {sorted(chosen)}")
-    ((setting, value),) = chosen.items() if chosen else ((None, None),)
-    thresholds, name, latency, certificate, closest = choose_operating_point(
-        calibration, setting, value
-    )
-    if closest is not None:
-        print(f"warning: {closest}")
-    return thresholds, name, latency, certificate
-
-
-def choose_operating_point(
-    calibration: dict, setting: str | None, value: float | None
-) -> tuple[list[float], str, float, dict, str | None]:
-    """The point ``setting=value`` picks (``None``: the calibrated thresholds).
-
-    ``max_drop`` picks from the certified front, ``lam`` and ``budget_ms`` from the Pareto
-    front. The last item is ``None``, or why no point meets the objective and which closest
-    point was taken instead. Shared by ``infer.py`` and the server, so one setting always
-    means the same thresholds.
-    """
-    if setting is None:
+def operating_point(request: OperatingPointRequest, calibration: dict) -> OperatingPoint:
+    """The calibrated thresholds, or another point of the calibration's fronts."""
+    if request.chosen is None:
         flexible = calibration["calibration"]["flexible"]
-        return (
+        return OperatingPoint(
             calibration["thresholds"],
             "calibrated",
             flexible["expected_latency_ms"],
             calibration.get("certificate"),
-            None,
         )
+    setting, value = request.chosen
     if setting == "max_drop":
-        return (*certified_operating_point(calibration, float(value)), None)
-    if setting not in OPERATING_POINT_OBJECTIVES:
-        raise ValueError(
-            f"unknown operating point setting {setting!r}; use lam, max_drop or budget_ms"
-        )
+        return certified_operating_point(calibration, value)
     full = calibration["calibration"]["full"]
     objective = Objective(
         kind=OPERATING_POINT_OBJECTIVES[setting],
@@ -136,20 +161,17 @@ def choose_operating_point(
         **{setting: float(value)},
     )
     point, feasible = select_point(calibration["pareto_front"], objective)
-    closest = None
     if not feasible:
-        closest = (
-            f"no calibrated operating point meets {objective.describe()}; using the "
+        print(
+            f"warning: no calibrated operating point meets {objective.describe()}; using the "
             f"closest ({point.accuracy:.2%} at {point.latency_ms:.3f} ms expected)"
         )
     certificate = calibration.get("certificate") or {}
     estimate = uncertified_point(calibration, point.accuracy, certificate)
-    return point.thresholds, f"{setting}={value:g}", point.latency_ms, estimate, closest
+    return OperatingPoint(point.thresholds, f"{setting}={value:g}", point.latency_ms, estimate)
 
 
-def certified_operating_point(
-    calibration: dict, epsilon: float
-) -> tuple[list[float], str, float, dict]:
+def certified_operating_point(calibration: dict, epsilon: float) -> OperatingPoint:
     """The cheapest point certified at ``epsilon`` by the calibration's fixed-sequence test."""
     basis = calibration.get("certification")
     front = calibration.get("certified_front")
@@ -162,7 +184,7 @@ def certified_operating_point(
         raise ValueError(f"infer.operating_point.max_drop must be in (0, 1), got {epsilon}")
     thresholds, certificate = certified_thresholds(front, epsilon, basis)
     latency = pick_certified(front, epsilon)["latency_ms"]
-    return thresholds, f"max_drop={epsilon:g}", latency, certificate
+    return OperatingPoint(thresholds, f"max_drop={epsilon:g}", latency, certificate)
 
 
 def uncertified_point(calibration: dict, accuracy: float, certificate: dict) -> dict:
@@ -224,95 +246,70 @@ def accuracy_summary(out: EnsembleOutput, num_members: int) -> dict:
     }
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """Fail on bad infer.* values before any member is loaded."""
-    for key in ("batch_size", "latency_images", "throughput_images"):
-        value = cfg.infer[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"infer.{key} must be a whole number >= 1, got {value!r}")
-    if (
-        isinstance(cfg.infer.warmup, bool)
-        or not isinstance(cfg.infer.warmup, int)
-        or cfg.infer.warmup < 0
-    ):
-        raise ValueError(f"infer.warmup must be a whole number >= 0, got {cfg.infer.warmup!r}")
-    resolve_device(cfg.device)
-
-
-def infer(cfg: DictConfig) -> dict:
-    check_settings(cfg)
-    members, calibration = load_calibrated_members(cfg)
-    thresholds, point_name, expected_flexible_ms, certificate = operating_point(cfg, calibration)
-    device = resolve_device(cfg.device)
-    module = (
-        FlexibleEnsembleModule(
-            [m.network for m in members],
-            thresholds,
-            calibration["criterion"],
-            mode=cfg.infer.mode,
-            first_k=cfg.infer.first_k,
-            channels_last=cfg.infer.channels_last,
-        )
-        .to(device)
-        .eval()
+def build_module(
+    members: list[Member],
+    criterion: str,
+    point: OperatingPoint,
+    settings: InferSettings,
+    device: torch.device,
+) -> FlexibleEnsembleModule:
+    module = FlexibleEnsembleModule(
+        [m.network for m in members],
+        point.thresholds,
+        criterion,
+        mode=settings.mode,
+        first_k=settings.first_k,
+        channels_last=settings.channels_last,
     )
-    print(f"thresholds ({point_name}): " + ", ".join(f"{t:.2f}" for t in thresholds))
-    print(certificate_line(certificate))
-    datamodule = instantiate(cfg.data)
-    if cfg.input is not None:
-        return predict_images(cfg, module, datamodule, members)
+    return module.to(device).eval()
 
-    datamodule.setup()
-    if datamodule.num_classes != members[0].num_classes:
-        raise ValueError(
-            f"members predict {members[0].num_classes} classes, data={datamodule.name} "
-            f"has {datamodule.num_classes}; pick the matching data="
-        )
-    run = run_dir(cfg)
-    logger = build_logger(cfg, run, name=f"{cfg.ensemble.name}-infer-{cfg.infer.mode}")
-    status = "failed"
-    try:
-        log_config(logger, cfg)
-        expected = {
-            "full": calibration["calibration"]["full"]["expected_latency_ms"],
-            "flexible": expected_flexible_ms,
+
+def evaluate(
+    settings: InferSettings,
+    module: FlexibleEnsembleModule,
+    datamodule,
+    device: torch.device,
+    calibration: dict,
+    point: OperatingPoint,
+) -> tuple[dict, EnsembleOutput]:
+    """metrics.json's content, and the configured mode's answer for every test sample."""
+    expected = {
+        "full": calibration["calibration"]["full"]["expected_latency_ms"],
+        "flexible": point.expected_latency_ms,
+    }
+    results, per_sample, sizes = compare_modes(settings, module, datamodule, device, expected)
+    metrics = {
+        **results,
+        "ensemble": calibration["ensemble"],
+        "members": module.num_members,
+        "criterion": calibration["criterion"],
+        "thresholds": list(point.thresholds),
+        "operating_point": point.name,
+        "certificate": point.certificate,
+        "device": device_name(device),
+        **sizes,
+    }
+    return metrics, per_sample
+
+
+def log_results(logger, metrics: dict, columns: list[str], rows: list[list]) -> None:
+    if logger is None:
+        return
+    logger.log_metrics(
+        {
+            f"test/{mode}/{k}": v
+            for mode, r in metrics.items()
+            if mode in MODES and isinstance(r, dict)
+            for k, v in r.items()
+            if isinstance(v, float)
         }
-        results, per_sample, sizes = compare_modes(cfg, module, datamodule, device, expected)
-        metrics = {
-            **results,
-            "ensemble": calibration["ensemble"],
-            "members": len(members),
-            "criterion": calibration["criterion"],
-            "thresholds": list(thresholds),
-            "operating_point": point_name,
-            "certificate": certificate,
-            "device": device_name(device),
-            **sizes,
-        }
-        write_json(run / "metrics.json", metrics)
-        columns, rows = per_sample_rows(per_sample, members[0].meta["class_names"])
-        write_csv(run / "predictions.csv", columns, rows)
-        print_table(results)
-        print(f"metrics: {run / 'metrics.json'}")
-        if logger is not None:
-            logger.log_metrics(
-                {
-                    f"test/{mode}/{k}": v
-                    for mode, r in results.items()
-                    for k, v in r.items()
-                    if isinstance(v, float)
-                }
-                | certificate_metrics(certificate)
-            )
-            log_table(logger, "per_sample_exits", columns, rows)
-        status = "success"
-    finally:
-        close_logger(logger, status)
-    return metrics
+        | certificate_metrics(metrics["certificate"])
+    )
+    log_table(logger, "per_sample_exits", columns, rows)
 
 
 def compare_modes(
-    cfg: DictConfig, module: FlexibleEnsembleModule, datamodule, device, expected: dict
+    settings: InferSettings, module: FlexibleEnsembleModule, datamodule, device, expected: dict
 ) -> tuple[dict, EnsembleOutput, dict]:
     """Accuracy and measured latency of the configured mode, ``full`` and the oracle, and
     the configured mode's answer for every test sample."""
@@ -324,20 +321,20 @@ def compare_modes(
         enable_model_summary=False,
     )
     test = datamodule.test_set
-    n_single = min(int(cfg.infer.latency_images), len(test))
-    n_stream = min(int(cfg.infer.throughput_images), len(test))
+    n_single = min(int(settings.latency_images), len(test))
+    n_stream = min(int(settings.throughput_images), len(test))
     singles = torch.stack([test[i][0] for i in range(n_single)])
     stream = torch.stack([test[i][0] for i in range(n_stream)])
     results, answers = {}, {}
-    for mode in dict.fromkeys([cfg.infer.mode, "full", "oracle"]):
-        module.set_mode(mode, cfg.infer.first_k)
+    for mode in dict.fromkeys([settings.mode, "full", "oracle"]):
+        module.set_mode(mode, settings.first_k)
         answers[mode] = predict_split(trainer, module, datamodule.test_dataloader())
         results[mode] = accuracy_summary(answers[mode], module.num_members)
         if mode == "oracle":  # the oracle needs every member's output: no latency to claim
             continue
         module.to(device)
         timing = measure_latency(
-            module, singles, stream, int(cfg.infer.batch_size), device, int(cfg.infer.warmup)
+            module, singles, stream, int(settings.batch_size), device, int(settings.warmup)
         )
         results[mode].update(timing)
         if mode in expected:
@@ -350,14 +347,14 @@ def compare_modes(
                     f"{gap:+.0%} off the calibration's expected {expected[mode]:.3f} ms "
                     "(an estimate from the calibration's latency profile)"
                 )
-    module.set_mode(cfg.infer.mode, cfg.infer.first_k)
+    module.set_mode(settings.mode, settings.first_k)
     sizes = {
         "test_samples": len(test),
         "latency_images": n_single,
         "throughput_images": n_stream,
-        "batch_size": int(cfg.infer.batch_size),
+        "batch_size": int(settings.batch_size),
     }
-    return results, answers[cfg.infer.mode], sizes
+    return results, answers[settings.mode], sizes
 
 
 def per_sample_rows(
@@ -380,19 +377,25 @@ def per_sample_rows(
 
 
 def predict_images(
-    cfg: DictConfig, module: FlexibleEnsembleModule, datamodule, members: list[Member]
+    source: Path,
+    batch_size: int,
+    module: FlexibleEnsembleModule,
+    datamodule,
+    members: list[Member],
+    out: Path,
 ) -> dict:
-    """predictions.csv for unlabelled images; unreadable files are reported and skipped."""
-    paths = find_images(cfg.input)
+    """``out`` (predictions.csv) for unlabelled images; unreadable files are reported and
+    skipped."""
+    paths = find_images(source)
     loaded = load_images(paths, members[0].arch.get("in_chans", 3), datamodule.image_transform())
     for path, reason in loaded.failures:
         print(f"skipped {path}: {reason}")
     if not loaded.paths:
-        raise ValueError(f"none of the {len(paths)} image(s) under {cfg.input!r} could be read")
+        raise ValueError(f"none of the {len(paths)} image(s) under {str(source)!r} could be read")
     device = next(module.parameters()).device
     with torch.inference_mode():
         cat = EnsembleOutput.cat(
-            [module(b.to(device)).cpu() for b in loaded.tensors.split(int(cfg.infer.batch_size))]
+            [module(b.to(device)).cpu() for b in loaded.tensors.split(batch_size)]
         )
     class_names = members[0].meta["class_names"]
     columns = ["file", "class_name", "confidence", "members_used"]
@@ -406,7 +409,6 @@ def predict_images(
             strict=True,
         )
     ]
-    out = run_dir(cfg) / "predictions.csv"
     write_csv(out, columns, rows)
     print(f"{len(rows)} image(s) predicted, {len(loaded.failures)} skipped: {out}")
     return {"predictions": str(out), "predicted": len(rows), "skipped": len(loaded.failures)}

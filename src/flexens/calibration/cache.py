@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytorch_lightning as L
 import torch
 from torch.utils.data import DataLoader
 
@@ -20,16 +21,32 @@ from flexens.members.registry import Member
 log = logging.getLogger(__name__)
 
 
+class MemberLogits(L.LightningModule):
+    """One member's float32 logits and the batch's labels, for ``Trainer.predict``."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def predict_step(self, batch, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        return self.network(x).float(), torch.as_tensor(y)
+
+
 def _compute(
     member: Member, loader: DataLoader, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    network = member.network.to(device).eval()
-    logits, labels = [], []
-    with torch.inference_mode():
-        for x, y in loader:
-            logits.append(network(x.to(device)).float().cpu())
-            labels.append(torch.as_tensor(y))
-    return torch.cat(logits), torch.cat(labels)
+    """Through Lightning's predict loop: a progress bar over a large split, and the same
+    accelerator handling as training."""
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index] if device.index is not None else 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    outputs = trainer.predict(MemberLogits(member.network.eval()), dataloaders=loader)
+    return torch.cat([o[0] for o in outputs]).cpu(), torch.cat([o[1] for o in outputs]).cpu()
 
 
 def member_logits(

@@ -1,33 +1,50 @@
 """What a calibration reads before it searches: members, latency profile, member outputs.
 
-Reading is the slow part of a calibration (checkpoints, the data module, the logit cache),
-and it is the same for every job of a λ sweep, which Hydra's basic launcher runs one after
-another in one process. So the inputs of the last calibration stay in memory, keyed by every
-setting that shapes them and by the size and modification time of every file they were read
-from; the next job that asks for the same inputs gets them without touching the disk, and a
-retrained member, a new profile or another setting reads everything anew.
+Reading is the slow part of a calibration (checkpoints, the data module, the logit cache).
+The task layer keeps the last inputs in its :class:`flexens.memo.SweepMemo`, so the jobs of a
+λ sweep read them once; here everything takes typed objects and paths.
 """
 
 from __future__ import annotations
 
-import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from flexens.artifacts import fingerprint, write_json
 from flexens.calibration.cache import ensemble_probs, split_probs
 from flexens.calibration.schema import read_profile
+from flexens.calibration.settings import CalibrateSettings
 from flexens.calibration.simulate import StageTable
+from flexens.data.base import EnsembleDataModule
 from flexens.halting import get_criterion
 from flexens.images import find_images, load_images
-from flexens.latency import latency_profile, resolve_device, stage_costs_ms
-from flexens.members.registry import Member, find_member_paths, load_ensemble
+from flexens.latency import latency_profile, stage_costs_ms
+from flexens.members.registry import Member, load_ensemble
+
+
+@dataclass(frozen=True)
+class EnsembleFiles:
+    """Where an ensemble lives: its members folder, the output cache, the member order.
+
+    ``order`` is ``None`` (seed order), ``"auto"`` (cheapest member first) or a list of
+    seeds or member file names.
+    """
+
+    members_dir: Path
+    cache_dir: Path
+    order: list | str | None = None
+
+    @property
+    def explicit_order(self) -> list | None:
+        return None if self.order in (None, "auto") else list(self.order)
+
+    def stored_profile(self, device: torch.device) -> Path:
+        return self.members_dir / f"latency_profile-{device.type}.json"
 
 
 @dataclass(frozen=True)
@@ -40,26 +57,17 @@ class CalibrationInputs:
     table: StageTable
     labelled: bool = True
     """False for ``calibrate.unlabelled``: the table's labels are the full ensemble's answers."""
-    derived: dict = field(default_factory=dict, compare=False, repr=False)
-    """Results computed from these inputs alone (the λ curve): jobs that share the inputs
-    share these too."""
+    split_seed: int = 0
+    token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
+    """Names this read in :class:`~flexens.memo.SweepMemo` keys of results derived from it."""
 
 
-def explicit_order(cfg: DictConfig) -> list | None:
-    """``ensemble.order`` as a list of seeds/paths, or None for seed order and ``auto``."""
-    order = cfg.ensemble.order
-    if order in (None, "auto"):
-        return None
-    return list(OmegaConf.to_container(order) if OmegaConf.is_config(order) else order)
-
-
-def prepare_ensemble(cfg: DictConfig) -> tuple[list[Member], object]:
-    """Members in configured order and the data module, checked against each other."""
-    members = load_ensemble(cfg.paths.members_dir, explicit_order(cfg))
-    datamodule = instantiate(cfg.data)
+def prepare_ensemble(files: EnsembleFiles, datamodule: EnsembleDataModule) -> list[Member]:
+    """Members in configured order, checked against the data module."""
+    members = load_ensemble(files.members_dir, files.explicit_order)
     datamodule.setup()
     calib_fp = datamodule.calib_fingerprint()
-    members_dir = Path(cfg.paths.members_dir).resolve()
+    members_dir = files.members_dir.resolve()
     for m in members:
         if m.path.resolve().parent != members_dir:
             raise ValueError(
@@ -77,20 +85,22 @@ def prepare_ensemble(cfg: DictConfig) -> tuple[list[Member], object]:
                 f"member {m.path.name} has {m.num_classes} classes, the data has "
                 f"{datamodule.num_classes}; pick the matching data="
             )
-    return members, datamodule
+    return members
 
 
-def stored_profile_path(cfg: DictConfig, device) -> Path:
-    return Path(cfg.paths.members_dir) / f"latency_profile-{device.type}.json"
-
-
-def load_or_measure_profile(cfg: DictConfig, members: list[Member], datamodule, device) -> dict:
+def load_or_measure_profile(
+    settings: CalibrateSettings,
+    files: EnsembleFiles,
+    members: list[Member],
+    datamodule: EnsembleDataModule,
+    device: torch.device,
+) -> dict:
     """A profile given by ``calibrate.latency_profile``, a matching stored one, or a fresh one."""
     hashes = [m.sha256 for m in members]
-    given = cfg.calibrate.latency_profile
-    stored = stored_profile_path(cfg, device)
+    given = settings.latency_profile
+    stored = files.stored_profile(device)
     path = Path(given) if given else stored
-    if path.exists() and (given or not cfg.calibrate.reprofile):
+    if path.exists() and (given or not settings.reprofile):
         profile = read_profile(path)
         by_hash = {m["sha256"]: m for m in profile["members"]}
         if set(hashes) <= set(by_hash):
@@ -105,37 +115,53 @@ def load_or_measure_profile(cfg: DictConfig, members: list[Member], datamodule, 
         [m.network for m in members],
         hashes,
         example,
-        int(cfg.calibrate.profile_batch_size),
+        int(settings.profile_batch_size),
         device,
-        get_criterion(cfg.calibrate.criterion),
+        get_criterion(settings.criterion),
         members[0].num_classes,
     )
     write_json(stored, profile)
     return {**profile, "source": "measured"}
 
 
-def read_inputs(cfg: DictConfig) -> CalibrationInputs:
+def read_inputs(
+    settings: CalibrateSettings,
+    files: EnsembleFiles,
+    datamodule: EnsembleDataModule,
+    device: torch.device,
+) -> CalibrationInputs:
     """Load members, profile them (or read their profile) and simulate their cached outputs."""
-    members, datamodule = prepare_ensemble(cfg)
-    device = resolve_device(cfg.device)
-    profile = load_or_measure_profile(cfg, members, datamodule, device)
-    if cfg.ensemble.order == "auto":
+    members = prepare_ensemble(files, datamodule)
+    profile = load_or_measure_profile(settings, files, members, datamodule, device)
+    if files.order == "auto":
         order = np.argsort([m["batch1_ms"] for m in profile["members"]], kind="stable")
         members = [members[i] for i in order]
         profile = {**profile, "members": [profile["members"][i] for i in order]}
-    calib_fp = datamodule.calib_fingerprint()
-    if cfg.calibrate.unlabelled:
-        probs, labels = unlabelled_probs(members, datamodule, device, cfg)
+    if settings.unlabelled:
+        probs, labels = unlabelled_probs(
+            members, datamodule, device, Path(settings.unlabelled), files.cache_dir
+        )
     else:
-        probs, labels = split_probs(members, datamodule, "calib", device, cfg.paths.cache_dir)
-    criterion = get_criterion(cfg.calibrate.criterion)
+        probs, labels = split_probs(members, datamodule, "calib", device, files.cache_dir)
+    criterion = get_criterion(settings.criterion)
     table = StageTable.from_probs(probs, labels, criterion, stage_costs_ms(profile))
     return CalibrationInputs(
-        members, calib_fp, profile, table, labelled=not cfg.calibrate.unlabelled
+        members,
+        datamodule.calib_fingerprint(),
+        profile,
+        table,
+        labelled=not settings.unlabelled,
+        split_seed=int(datamodule.split_seed),
     )
 
 
-def unlabelled_probs(members: list[Member], datamodule, device, cfg: DictConfig):
+def unlabelled_probs(
+    members: list[Member],
+    datamodule: EnsembleDataModule,
+    device: torch.device,
+    folder: Path,
+    cache_dir: Path,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Member outputs on a folder of unlabelled images, labelled by the full ensemble.
 
     The images are read exactly as ``infer.py input=`` reads them (nested folders, odd
@@ -143,13 +169,12 @@ def unlabelled_probs(members: list[Member], datamodule, device, cfg: DictConfig)
     stage is "wrong" exactly where it disagrees with the full ensemble, which is the loss
     ``calibrate.risk=disagreement`` certifies.
     """
-    folder = cfg.calibrate.unlabelled
     paths = find_images(folder)
     loaded = load_images(paths, members[0].arch.get("in_chans", 3), datamodule.image_transform())
     for path, reason in loaded.failures:
         print(f"skipped {path}: {reason}")
     if not loaded.paths:
-        raise ValueError(f"none of the {len(paths)} image(s) under {folder!r} could be read")
+        raise ValueError(f"none of the {len(paths)} image(s) under {str(folder)!r} could be read")
     stats = [(p, p.stat()) for p in loaded.paths]
     files = [(str(p), st.st_size, st.st_mtime_ns) for p, st in stats]
     dataset = TensorDataset(loaded.tensors, torch.zeros(len(loaded.paths), dtype=torch.long))
@@ -157,57 +182,8 @@ def unlabelled_probs(members: list[Member], datamodule, device, cfg: DictConfig)
         members,
         DataLoader(dataset, batch_size=int(datamodule.eval_batch_size)),
         device,
-        cfg.paths.cache_dir,
+        cache_dir,
         fingerprint(["unlabelled", *files]),
         datamodule.eval_transform_description(),
     )
     return probs, probs.mean(dim=0).argmax(dim=-1)
-
-
-def _file_state(path: Path) -> tuple:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return (str(path), None)
-    return (str(path), stat.st_size, stat.st_mtime_ns)
-
-
-def inputs_key(cfg: DictConfig) -> str:
-    """Every setting that shapes the inputs, and the state of every file they come from."""
-    c = cfg.calibrate
-    device = resolve_device(cfg.device)
-    files = [*find_member_paths(cfg.paths.members_dir, explicit_order(cfg))]
-    files.append(Path(c.latency_profile) if c.latency_profile else stored_profile_path(cfg, device))
-    settings = {
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "members_dir": str(cfg.paths.members_dir),
-        "cache_dir": str(cfg.paths.cache_dir),
-        "order": explicit_order(cfg) or cfg.ensemble.order,
-        "device": str(device),
-        "criterion": str(c.criterion),
-        "latency_profile": c.latency_profile,
-        "reprofile": bool(c.reprofile),
-        "profile_batch_size": int(c.profile_batch_size),
-        "unlabelled": c.unlabelled,
-        "files": [_file_state(p) for p in files],
-    }
-    return json.dumps(settings, sort_keys=True, default=str)
-
-
-_last: tuple[str, CalibrationInputs] | None = None
-
-
-def calibration_inputs(cfg: DictConfig) -> CalibrationInputs:
-    """:func:`read_inputs`, or the previous job's inputs when nothing that shapes them changed.
-
-    The key is taken after reading, so a profile this job measured and stored is part of it
-    and the next job of a sweep reuses it instead of measuring again: all runs of one sweep
-    share one latency profile, which keeps their expected latencies comparable.
-    """
-    global _last
-    if _last is not None and _last[0] == inputs_key(cfg):
-        return _last[1]
-    _last = None  # let the old inputs go before the new ones are read
-    inputs = read_inputs(cfg)
-    _last = (inputs_key(cfg), inputs)
-    return inputs

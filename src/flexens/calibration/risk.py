@@ -193,6 +193,28 @@ class CertifiedPath:
         return np.flatnonzero(self.certified_epsilon <= epsilon)
 
 
+def risk_bounds(
+    tested: StageTable, tested_table: StageTable, candidates: np.ndarray, risk: str, delta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loss counts of each candidate on the tested samples and their (1 − δ) upper bounds.
+
+    For ``net_drop``: accuracy drop = P(loss) − P(gain) ≤ upper(loss, δ/2) − lower(gain, δ/2),
+    both bounds holding together with probability ≥ 1 − δ (union bound); the count returned
+    is losses minus gains.
+    """
+    counts = loss_counts(tested, candidates)
+    n = tested.num_samples
+    if risk != "net_drop":
+        return counts, binomial_upper_bound(counts, n, delta)
+    right = tested_table.correct
+    gains = dataclasses.replace(tested_table, correct=~(right & ~right[-1:]))
+    gain_counts = loss_counts(gains, candidates)
+    bounds = binomial_upper_bound(counts, n, delta / 2) - binomial_lower_bound(
+        gain_counts, n, delta / 2
+    )
+    return counts - gain_counts, np.maximum(bounds, 0.0)
+
+
 def certify(
     table: StageTable,
     risk: str,
@@ -212,10 +234,9 @@ def certify(
             + "|".join(PROCEDURES)
         )
     losses = loss_table(table, risk)
-    d = table.num_members - 1
     if procedure == "shared":
         tested, tested_table = losses, table
-        candidates = shared_candidates(grid, d)
+        candidates = shared_candidates(grid, table.num_members - 1)
     else:
         if not 0 < opt_fraction < 1:
             raise ValueError(f"calibrate.opt_fraction must be in (0, 1), got {opt_fraction}")
@@ -229,21 +250,7 @@ def certify(
         ranked = table if risk == "net_drop" else losses  # net drop ranks like plain error
         candidates = pareto_candidates(subset(ranked, order[:n_opt]), grid, max_exhaustive_evals)
         tested, tested_table = subset(losses, order[n_opt:]), subset(table, order[n_opt:])
-    counts = loss_counts(tested, candidates)
-    if risk == "net_drop":
-        # accuracy drop = P(loss) − P(gain) ≤ upper(loss, δ/2) − lower(gain, δ/2), both
-        # bounds holding together with probability ≥ 1 − δ (union bound)
-        right = tested_table.correct
-        gains = dataclasses.replace(tested_table, correct=~(right & ~right[-1:]))
-        gain_counts = loss_counts(gains, candidates)
-        n = tested.num_samples
-        bounds = binomial_upper_bound(counts, n, delta / 2) - binomial_lower_bound(
-            gain_counts, n, delta / 2
-        )
-        bounds = np.maximum(bounds, 0.0)
-        counts = counts - gain_counts
-    else:
-        bounds = binomial_upper_bound(counts, tested.num_samples, delta)
+    counts, bounds = risk_bounds(tested, tested_table, candidates, risk, delta)
     return CertifiedPath(
         risk=risk,
         procedure=procedure,

@@ -1,4 +1,8 @@
-"""``calibrate.py``: cached member outputs on the calibration split → thresholds.json."""
+"""From calibration inputs to the thresholds.json report: search, certify, plot, print.
+
+Everything here takes typed objects (:class:`CalibrateSettings`, :class:`CalibrationInputs`,
+a :class:`SweepMemo`); :mod:`flexens.tasks.calibrate` composes them from the config.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
 
-from flexens.artifacts import write_json
 from flexens.calibration.certificate import (
     certificate_line,
     certificate_metrics,
@@ -19,23 +19,17 @@ from flexens.calibration.certificate import (
     certified_thresholds,
     uncertified,
 )
-from flexens.calibration.loading import CalibrationInputs, calibration_inputs
+from flexens.calibration.loading import CalibrationInputs
 from flexens.calibration.objectives import Objective
 from flexens.calibration.pareto import ParetoCollector
-from flexens.calibration.risk import PROCEDURES, RISKS, CertifiedPath, certified_front, certify
+from flexens.calibration.risk import CertifiedPath, certified_front, certify
 from flexens.calibration.schema import THRESHOLDS_FORMAT
 from flexens.calibration.search import ThresholdSearch, make_grid
+from flexens.calibration.settings import CalibrateSettings
 from flexens.calibration.simulate import Outcome, StageTable
-from flexens.halting import get_criterion
+from flexens.memo import SweepMemo
 from flexens.reporting import plots
-from flexens.reporting.loggers import (
-    build_logger,
-    close_logger,
-    log_config,
-    log_images,
-    log_table,
-    run_dir,
-)
+from flexens.reporting.loggers import log_images, log_table
 
 log = logging.getLogger(__name__)
 
@@ -51,63 +45,52 @@ def summary(outcome: Outcome) -> dict:
     }
 
 
-def build_objective(cfg: DictConfig, full: Outcome, num_samples: int) -> Objective:
-    c = cfg.calibrate
-    budget = float("inf")
-    if c.objective == "budget":
-        if c.budget_ms is None and c.budget_fraction is None:
-            raise ValueError(
-                "calibrate.objective=budget needs calibrate.budget_ms=... or "
-                "calibrate.budget_fraction=... (of the full ensemble's latency)"
-            )
-        budget = (
-            float(c.budget_ms)
-            if c.budget_ms is not None
-            else float(c.budget_fraction) * full.latency_ms
-        )
+def build_objective(settings: CalibrateSettings, full: Outcome, num_samples: int) -> Objective:
     return Objective(
-        kind=str(c.objective),
+        kind=settings.objective,
         latency_full_ms=full.latency_ms,
         error_full=full.error,
         num_samples=num_samples,
-        lam=float(c.lam),
-        max_drop=float(c.max_drop),
-        budget_ms=budget,
+        lam=float(settings.lam),
+        max_drop=float(settings.max_drop),
+        budget_ms=settings.budget(full.latency_ms),
     )
 
 
-def search_thresholds(cfg: DictConfig, table: StageTable, objective: Objective):
-    c = cfg.calibrate
-    grid = make_grid(float(c.grid_step))
-    search = ThresholdSearch(table, grid, objective)
+def search_thresholds(settings: CalibrateSettings, table: StageTable, objective: Objective):
+    search = ThresholdSearch(table, make_grid(float(settings.grid_step)), objective)
     start = time.perf_counter()
-    if c.search == "shared":
+    if settings.search == "shared":
         result = search.shared()
     else:
-        result = search.per_stage(int(c.exhaustive_max_evals), int(c.restarts), seed=0)
-    seconds = time.perf_counter() - start
-    return result, seconds, grid
+        result = search.per_stage(
+            int(settings.exhaustive_max_evals), int(settings.restarts), seed=0
+        )
+    return result, time.perf_counter() - start
 
 
 def lambda_curve(
-    cfg: DictConfig, inputs: CalibrationInputs, grid: np.ndarray
+    settings: CalibrateSettings, inputs: CalibrationInputs, memo: SweepMemo
 ) -> tuple[list[dict], ParetoCollector]:
     """Flexible execution across :data:`LAMBDA_LADDER`, and the Pareto points it met.
 
     It depends on the inputs and the grid only, not on this run's objective, so every job of
     a sweep over the same inputs reuses the first job's curve.
     """
-    key = ("lambda_curve", float(cfg.calibrate.grid_step), int(cfg.calibrate.exhaustive_max_evals))
-    if key in inputs.derived:
-        return inputs.derived[key]
-    table = inputs.table
-    full = table.full()
+    grid_step, evals = float(settings.grid_step), int(settings.exhaustive_max_evals)
+    key = ("lambda_curve", inputs.token, grid_step, evals)
+    return memo.derived.get_or_compute(key, lambda: trace_lambdas(inputs.table, grid_step, evals))
+
+
+def trace_lambdas(
+    table: StageTable, grid_step: float, max_evals: int
+) -> tuple[list[dict], ParetoCollector]:
+    full, grid = table.full(), make_grid(grid_step)
     pareto = ParetoCollector(table.num_members - 1)
     curve = []
     for lam in LAMBDA_LADDER:
         objective = Objective("lambda", full.latency_ms, full.error, table.num_samples, lam=lam)
-        search = ThresholdSearch(table, grid, objective, pareto=pareto)
-        result = search.per_stage(int(cfg.calibrate.exhaustive_max_evals), 0)
+        result = ThresholdSearch(table, grid, objective, pareto=pareto).per_stage(max_evals, 0)
         curve.append(
             {
                 "lam": lam,
@@ -115,107 +98,63 @@ def lambda_curve(
                 **summary(table.evaluate(result.thresholds)),
             }
         )
-    inputs.derived[key] = curve, pareto
     return curve, pareto
 
 
-def output_path(cfg: DictConfig, run: Path) -> Path | None:
-    """Where thresholds.json is published for infer.py; a sweep keeps per-run files only."""
-    if cfg.calibrate.output:
-        return Path(cfg.calibrate.output)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return None
-    return Path(cfg.paths.members_dir) / "thresholds.json"
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Fail on bad calibrate.* values before any member is loaded or run."""
-    c = cfg.calibrate
-    get_criterion(c.criterion)
-    make_grid(float(c.grid_step))
-    Objective(
-        kind=str(c.objective),
-        latency_full_ms=1.0,
-        error_full=0.0,
-        num_samples=1,
-        lam=float(c.lam),
-        max_drop=float(c.max_drop),
-    )
-    if c.search not in ("shared", "per_stage"):
-        raise ValueError(f"unknown calibrate.search {c.search!r}; use shared or per_stage")
-    if c.risk not in RISKS:
-        raise ValueError(f"unknown calibrate.risk {c.risk!r}; use {' or '.join(RISKS)}")
-    if c.procedure not in PROCEDURES:
-        raise ValueError(
-            f"unknown calibrate.procedure {c.procedure!r}; use {' or '.join(PROCEDURES)}"
-        )
-    if not 0 < float(c.delta) < 1:
-        raise ValueError(f"calibrate.delta must be in (0, 1), got {c.delta}; e.g. 0.1")
-    if c.objective == "max_drop" and not 0 < float(c.max_drop) < 1:
-        raise ValueError(
-            f"calibrate.max_drop must be in (0, 1) to certify, got {c.max_drop}; e.g. 0.005 (0.5 pp)"
-        )
-    if c.unlabelled and c.risk != "disagreement":
-        raise ValueError(
-            f"calibrate.unlabelled={c.unlabelled!r} has no labels, so accuracy loss cannot be "
-            "measured there; certify calibrate.risk=disagreement instead"
-        )
-
-
-def certification(cfg: DictConfig, inputs: CalibrationInputs) -> tuple[CertifiedPath, list[dict]]:
+def certification(
+    settings: CalibrateSettings, inputs: CalibrationInputs, memo: SweepMemo
+) -> tuple[CertifiedPath, list[dict]]:
     """Fixed-sequence testing of the configured procedure's candidates, and its front.
 
     Like the λ curve it depends on the inputs and the certification settings only, so the
     jobs of a λ sweep share it.
     """
-    c = cfg.calibrate
-    settings = {
-        "risk": str(c.risk),
-        "procedure": str(c.procedure),
-        "delta": float(c.delta),
-        "split_seed": int(cfg.data.get("split_seed", 0)),
-        "opt_fraction": float(c.opt_fraction),
-        "max_exhaustive_evals": int(c.exhaustive_max_evals),
+    keywords = {**settings.certification, "split_seed": inputs.split_seed}
+    key = ("certification", inputs.token, float(settings.grid_step), *keywords.values())
+
+    def test() -> tuple[CertifiedPath, list[dict]]:
+        path = certify(inputs.table, grid=make_grid(float(settings.grid_step)), **keywords)
+        return path, certified_front(path, inputs.table)
+
+    return memo.derived.get_or_compute(key, test)
+
+
+def one_member_choice(settings: CalibrateSettings, table: StageTable, objective) -> dict:
+    """A one-member ensemble: nothing to calibrate, the member always runs."""
+    print(
+        "warning: the ensemble has one member, so there is nothing to calibrate; "
+        "thresholds.json says: run it"
+    )
+    full = table.full()
+    point = {"thresholds": [], "latency_ms": full.latency_ms, "accuracy": full.accuracy}
+    certificate = uncertified(table, [], settings.risk, float(settings.delta))
+    return {
+        "objective": objective,
+        "thresholds": [],
+        "search": {"method": "none", "evaluations": 0, "seconds": 0.0},
+        "feasible": True,
+        "certificate": certificate
+        | {"certified": True, "fallback": "one member, which always runs"},
+        "certification": None,
+        "certified_front": [],
+        "pareto_front": [point],
+        "lambda_curve": [],
     }
-    key = ("certification", float(c.grid_step), *settings.values())
-    if key not in inputs.derived:
-        path = certify(inputs.table, grid=make_grid(float(c.grid_step)), **settings)
-        inputs.derived[key] = path, certified_front(path, inputs.table)
-    return inputs.derived[key]
 
 
-def choose(cfg: DictConfig, inputs: CalibrationInputs) -> dict:
+def choose(settings: CalibrateSettings, inputs: CalibrationInputs, memo: SweepMemo) -> dict:
     """Thresholds, their certificate, and the fronts that later operating points pick from."""
     table = inputs.table
-    full = table.full()
-    objective = build_objective(cfg, full, table.num_samples)
-    risk, delta = str(cfg.calibrate.risk), float(cfg.calibrate.delta)
+    objective = build_objective(settings, table.full(), table.num_samples)
     if table.num_members == 1:
-        print(
-            "warning: the ensemble has one member, so there is nothing to calibrate; "
-            "thresholds.json says: run it"
-        )
-        point = {"thresholds": [], "latency_ms": full.latency_ms, "accuracy": full.accuracy}
-        return {
-            "objective": objective,
-            "thresholds": [],
-            "search": {"method": "none", "evaluations": 0, "seconds": 0.0},
-            "feasible": True,
-            "certificate": uncertified(table, [], risk, delta)
-            | {"certified": True, "fallback": "one member, which always runs"},
-            "certification": None,
-            "certified_front": [],
-            "pareto_front": [point],
-            "lambda_curve": [],
-        }
+        return one_member_choice(settings, table, objective)
     start = time.perf_counter()
-    path, cert_front = certification(cfg, inputs)
+    path, cert_front = certification(settings, inputs, memo)
     cert_seconds = time.perf_counter() - start
-    grid = make_grid(float(cfg.calibrate.grid_step))
-    curve, curve_points = lambda_curve(cfg, inputs, grid)
+    curve, curve_points = lambda_curve(settings, inputs, memo)
     if objective.kind == "max_drop":
         thresholds, certificate = certified_thresholds(
-            cert_front, float(cfg.calibrate.max_drop), certification_basis(path)
+            cert_front, float(settings.max_drop), certification_basis(path)
         )
         search = {
             "method": f"certified ({path.procedure})",
@@ -224,9 +163,9 @@ def choose(cfg: DictConfig, inputs: CalibrationInputs) -> dict:
         }
         front, feasible = curve_points.to_list(), True
     else:
-        result, seconds, _ = search_thresholds(cfg, table, objective)
+        result, seconds = search_thresholds(settings, table, objective)
         thresholds = result.thresholds.tolist()
-        certificate = uncertified(table, thresholds, risk, delta)
+        certificate = uncertified(table, thresholds, settings.risk, float(settings.delta))
         search = {
             "method": result.method,
             "evaluations": result.evaluations,
@@ -260,16 +199,18 @@ def warn_if_infeasible(table: StageTable, objective: Objective, thresholds: list
     return False
 
 
-def build_report(cfg: DictConfig, inputs: CalibrationInputs) -> dict:
+def build_report(
+    settings: CalibrateSettings, inputs: CalibrationInputs, ensemble: str, memo: SweepMemo
+) -> dict:
     """thresholds.json: members, the chosen thresholds, their certificate, and the fronts."""
     table = inputs.table
-    chosen = choose(cfg, inputs)
+    chosen = choose(settings, inputs, memo)
     objective = chosen["objective"]
     return {
         "format": THRESHOLDS_FORMAT,
-        "ensemble": str(cfg.ensemble.name),
+        "ensemble": ensemble,
         "members": [m.describe() for m in inputs.members],
-        "criterion": str(cfg.calibrate.criterion),
+        "criterion": settings.criterion,
         "objective": {
             "kind": objective.kind,
             "lam": objective.lam,
@@ -280,11 +221,11 @@ def build_report(cfg: DictConfig, inputs: CalibrationInputs) -> dict:
         "lam": objective.lam,
         "thresholds": chosen["thresholds"],
         "certificate": chosen["certificate"],
-        "search": {**chosen["search"], "grid_step": float(cfg.calibrate.grid_step)},
+        "search": {**chosen["search"], "grid_step": float(settings.grid_step)},
         "calibration": {
             "num_samples": table.num_samples,
             "labelled": inputs.labelled,
-            "source": cfg.calibrate.unlabelled or "calibration split",
+            "source": settings.unlabelled or "calibration split",
             "calib_fingerprint": inputs.calib_fingerprint,
             "flexible": summary(table.evaluate(chosen["thresholds"])),
             "full": summary(table.full()),
@@ -297,28 +238,6 @@ def build_report(cfg: DictConfig, inputs: CalibrationInputs) -> dict:
         "certified_front": chosen["certified_front"],
         "pareto_front": chosen["pareto_front"],
     }
-
-
-def calibrate(cfg: DictConfig) -> dict:
-    check_settings(cfg)
-    inputs = calibration_inputs(cfg)
-    run = run_dir(cfg)
-    logger = build_logger(cfg, run, name=f"{cfg.ensemble.name}-calibrate-{cfg.calibrate.objective}")
-    status = "failed"
-    try:
-        log_config(logger, cfg)
-        report = build_report(cfg, inputs)
-        images = make_plots(run, inputs.table, report)
-        path = write_json(run / "thresholds.json", report)
-        published = output_path(cfg, run)
-        if published is not None:
-            path = write_json(published, report)
-        print_summary(report, path)
-        log_report(logger, report, images)
-        status = "success"
-    finally:
-        close_logger(logger, status)
-    return report
 
 
 def log_report(logger, report: dict, images: dict[str, Path]) -> None:
@@ -359,7 +278,9 @@ def log_report(logger, report: dict, images: dict[str, Path]) -> None:
     log_images(logger, images)
 
 
-def make_plots(run: Path, table: StageTable, report: dict) -> dict[str, Path]:
+def make_plots(run: Path, table: StageTable, report: dict, memo: SweepMemo) -> dict[str, Path]:
+    """The report's figures; those that do not mark the chosen point come from ``memo`` when
+    an earlier job of the sweep drew the same."""
     cal = report["calibration"]
     point = lambda s: (s["expected_latency_ms"], s["accuracy"])  # noqa: E731
     images = {
@@ -368,6 +289,7 @@ def make_plots(run: Path, table: StageTable, report: dict) -> dict[str, Path]:
             table.correct[0],
             run / "confidence_histogram.png",
             criterion=report["criterion"],
+            memo=memo.plots,
         ),
         "accuracy_vs_latency": plots.plot_accuracy_vs_latency(
             run / "accuracy_vs_latency.png",
@@ -376,6 +298,7 @@ def make_plots(run: Path, table: StageTable, report: dict) -> dict[str, Path]:
                 report["criterion"]: [(*point(c), f"λ={c['lam']:g}") for c in cal["lambda_curve"]]
             },
             oracle=point(cal["oracle"]),
+            memo=memo.plots,
         ),
     }
     front = report["pareto_front"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -95,6 +97,20 @@ def log_images(logger: Logger | None, images: dict[str, Path]) -> None:
 def log_table(logger: Logger | None, key: str, columns: list[str], rows: list[list]) -> None:
     if isinstance(logger, WandbLogger):
         logger.log_table(key=key, columns=columns, data=rows)
+
+
+@contextmanager
+def open_logger(cfg: DictConfig, run: Path, name: str) -> Iterator[Logger | None]:
+    """The task wrapper of every entry point: a logger with the job's config, finished in
+    ``finally`` and marked failed when the job raised, so no run is left open."""
+    logger = build_logger(cfg, run, name=name)
+    status = "failed"
+    try:
+        log_config(logger, cfg)
+        yield logger
+        status = "success"
+    finally:
+        close_logger(logger, status)
 
 
 def close_logger(logger: Logger | None, status: str = "success") -> None:

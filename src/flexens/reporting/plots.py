@@ -4,7 +4,8 @@ Figures are built on :class:`matplotlib.figure.Figure` directly instead of ``pyp
 global figure registry and no backend switching, so plotting is thread-safe and works on
 headless machines (PNG output goes through the Agg renderer). Every PNG is written to a
 temporary file beside the target and renamed into place, so a reader never sees half an image.
-A figure asked for again with the same input is not drawn again (:func:`reuse_identical`).
+A figure asked for again with the same input and a :class:`~flexens.memo.Memo` is not drawn
+again (:func:`reuse_identical`).
 
 Accuracies come in as fractions (0..1) and are drawn in percent.
 """
@@ -15,8 +16,6 @@ import functools
 import hashlib
 import inspect
 import io
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from flexens.artifacts import write_bytes
+from flexens.memo import Memo
 
 _DPI = 120
 _MARKER_KW = {"markersize": 5, "linewidth": 1.5}
@@ -47,11 +47,6 @@ def _save_png(fig: Figure, path: str | Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
     return write_bytes(path, buffer.getvalue())
-
-
-_RENDERED: OrderedDict[str, bytes] = OrderedDict()
-_RENDERED_KEEP = 16
-_RENDERED_LOCK = threading.Lock()
 
 
 def _feed(digest, value) -> None:
@@ -80,7 +75,8 @@ def _content_key(name: str, arguments: dict) -> str:
 
 
 def reuse_identical(plot: Callable[..., Path]) -> Callable[..., Path]:
-    """Render a figure once per distinct input; the same input again copies the PNG.
+    """With ``memo=`` a figure is rendered once per distinct input; the same input again
+    copies the PNG from the memo. Without one, every call draws.
 
     A λ sweep draws the same confidence histogram and accuracy-vs-latency curve in every
     job, and drawing (not writing) is what costs: matplotlib takes a few hundred ms per
@@ -89,19 +85,17 @@ def reuse_identical(plot: Callable[..., Path]) -> Callable[..., Path]:
     signature = inspect.signature(plot)
 
     @functools.wraps(plot)
-    def wrapper(*args, **kwargs) -> Path:
+    def wrapper(*args, memo: Memo | None = None, **kwargs) -> Path:
+        if memo is None:
+            return plot(*args, **kwargs)
         arguments = signature.bind(*args, **kwargs).arguments
         path = Path(arguments.pop("path"))
         key = _content_key(plot.__name__, arguments)
-        with _RENDERED_LOCK:
-            png = _RENDERED.get(key)
+        png = memo.get(key)
         if png is not None:
             return write_bytes(path, png)
         out = plot(*args, **kwargs)
-        with _RENDERED_LOCK:
-            _RENDERED[key] = out.read_bytes()
-            while len(_RENDERED) > _RENDERED_KEEP:
-                _RENDERED.popitem(last=False)
+        memo.put(key, out.read_bytes())
         return out
 
     return wrapper

@@ -93,11 +93,11 @@ class EnsembleAPI(ls.LitAPI):
         self.mode, self.threads = mode, threads
 
     def setup(self, device) -> None:
-        from flexens.inference import load_calibration
+        from flexens.inference import load_calibrated_members
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
-        members, calibration = load_calibration(
+        members, calibration = load_calibrated_members(
             self.thresholds_path, self.members_dir, "serve.thresholds"
         )
         self.device = torch.device(device)

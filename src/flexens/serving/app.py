@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from flexens.images import decode_image
-from flexens.inference import load_calibration
+from flexens.inference import load_calibrated_members
 from flexens.latency import resolve_device
 from flexens.serving.api import EnsembleAPI
 from flexens.serving.gate import RequestGate
@@ -80,7 +80,7 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
 
 def serve(cfg: DictConfig) -> None:
     settings = read_settings(cfg)
-    members, calibration = load_calibration(
+    members, calibration = load_calibrated_members(
         settings.thresholds, settings.members_dir, "serve.thresholds"
     )  # the checks infer.py makes, before any process starts
     in_chans = members[0].arch.get("in_chans", 3)

@@ -1,6 +1,6 @@
 """Which thresholds a request is served at: the server's default, its own ask, or SLO mode's.
 
-Every point comes from :func:`flexens.inference.choose_operating_point`, the function
+Every point comes from :func:`flexens.inference.operating_point`, the function
 ``infer.py infer.operating_point.*`` uses, so ``?max_drop=0.02`` on the server and
 ``infer.operating_point.max_drop=0.02`` halt at the same thresholds.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from flexens.inference import choose_operating_point
+from flexens.inference import OperatingPointRequest, operating_point
 
 SETTINGS = ("max_drop", "budget_ms", "lam")
 """What a request may ask for: the certified front (``max_drop``) or the Pareto front."""
@@ -91,10 +91,9 @@ class ServingFront:
             self.default = self._choose(setting, value)
 
     def _choose(self, setting: str | None, value: float | None) -> ServedPoint:
-        thresholds, name, latency, certificate, _ = choose_operating_point(
-            self.calibration, setting, value
-        )
-        return _served(name, thresholds, latency, certificate)
+        request = OperatingPointRequest(**({setting: value} if setting else {}))
+        point = operating_point(request, self.calibration)
+        return _served(point.name, point.thresholds, point.expected_latency_ms, point.certificate)
 
     def resolve(self, asked: dict[str, str]) -> ServedPoint | None:
         """The point a request asks for (``None``: it asked for none), or a 4xx."""

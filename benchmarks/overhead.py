@@ -125,7 +125,7 @@ def load_members(members_dir: Path) -> tuple[list[Member], list[float] | None, s
     from flexens.inference import load_calibrated_members
 
     members, calibration = load_calibrated_members(thresholds_file, members_dir)
-    return members, calibration["thresholds"], calibration["criterion"], str(thresholds_file)
+    return members, list(calibration.thresholds), calibration.criterion, str(thresholds_file)
 
 
 def real_setup(args: argparse.Namespace) -> dict:

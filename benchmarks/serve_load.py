@@ -194,7 +194,7 @@ def in_process_latency(args: argparse.Namespace, images: list[tuple[str, str]]) 
     torch.set_num_threads(1)
     members, calibration = load_calibrated_members(args.thresholds, args.members_dir)
     module = FlexibleEnsembleModule(
-        [m.network for m in members], calibration["thresholds"], calibration["criterion"]
+        [m.network for m in members], calibration.thresholds, calibration.criterion
     ).eval()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("serve", overrides=[f"data={args.data}"])

@@ -136,10 +136,15 @@ def thresholds_naming(name: str, sha256: str) -> dict:
     """A well-formed one-member thresholds.json naming ``name`` (its schema is checked)."""
     return {
         "format": THRESHOLDS_FORMAT,
+        "ensemble": "digits-small_cnn",
         "members": [{"path": name, "sha256": sha256}],
         "criterion": "margin",
         "thresholds": [],
-        "calibration": {},
+        "calibration": {
+            "num_samples": 10,
+            "flexible": {"accuracy": 0.9, "avg_members": 1.0, "expected_latency_ms": 1.0},
+            "full": {"accuracy": 0.9, "avg_members": 1.0, "expected_latency_ms": 1.0},
+        },
         "latency_profile": {},
         "certificate": {},
         "certified_front": [],
@@ -501,3 +506,43 @@ def test_a_corrupt_resume_checkpoint_is_set_aside_and_training_restarts(tmp_path
     assert aside.read_bytes() == damaged
     assert load_member(member_path(tmp_path / MEMBERS, 0)).seed == 0
     assert not work.exists()
+
+
+BAD_THRESHOLDS = {
+    "not-json": (lambda d: "{ truncated", "is not readable JSON"),
+    "a-list": (lambda d: [], "holds list, not an object"),
+    "old-format": (lambda d: {**d, "format": None}, "has format None"),
+    "thresholds-null": (lambda d: {**d, "thresholds": None}, "field 'thresholds' must be list"),
+    "members-a-dict": (lambda d: {**d, "members": {}}, "field 'members' must be list"),
+    "member-without-hash": (
+        lambda d: {**d, "members": [{"path": "seed=0.safetensors"}]},
+        "field 'sha256' must be str",
+    ),
+    "nan-threshold": (
+        lambda d: {**d, "members": d["members"] * 2, "thresholds": [float("nan")]},
+        "must hold finite numbers",
+    ),
+    "extra-threshold": (lambda d: {**d, "thresholds": [0.5]}, "1 thresholds for 1 members"),
+    "no-full-summary": (
+        lambda d: {**d, "calibration": {"num_samples": 3}},
+        "field 'flexible' must be dict",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", BAD_THRESHOLDS, ids=list(BAD_THRESHOLDS))
+def test_every_bad_thresholds_file_is_one_line_naming_it(tmp_path: Path, damage) -> None:
+    from flexens.calibration.schema import read_thresholds
+
+    edit, match = BAD_THRESHOLDS[damage]
+    path = tmp_path / "thresholds.json"
+    good = thresholds_naming("seed=0.safetensors", "0" * 64)
+    path.with_name("good.json").write_text(json.dumps(good))
+    assert read_thresholds(path.with_name("good.json")).members[0].sha256 == "0" * 64
+    bad = edit(good)
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    with pytest.raises(ValueError) as info:
+        read_thresholds(path)
+    message = str(info.value)
+    assert match in message and str(path) in message and "recalibrate" in message, message
+    assert "\n" not in message

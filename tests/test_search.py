@@ -126,7 +126,7 @@ def test_pareto_front_and_operating_point_selection():
     collector = ParetoCollector(1)
     collector.add_points(np.array([[0.1], [0.5], [0.5], [0.9], [0.2]]), latency, error)
     front = collector.to_list()
-    assert [p["latency_ms"] for p in front] == [1.0, 2.0]
+    assert [p["expected_latency_ms"] for p in front] == [1.0, 2.0]
     cheap, ok = select_point(front, Objective("budget", 2.0, 0.1, 100, budget_ms=1.2))
     assert ok and cheap.latency_ms == 1.0
     best, ok = select_point(front, Objective("max_drop", 2.0, 0.1, 100, max_drop=0.0))

@@ -27,7 +27,7 @@ from flexens.calibration.certificate import (
 from flexens.calibration.objectives import Objective
 from flexens.calibration.pareto import select_point
 from flexens.calibration.risk import pick_certified
-from flexens.calibration.schema import read_thresholds
+from flexens.calibration.schema import Calibration, read_thresholds
 from flexens.ensemble import MODES, EnsembleOutput, FlexibleEnsembleModule
 from flexens.images import find_images, load_images
 from flexens.latency import device_name, synchronize
@@ -101,13 +101,12 @@ class OperatingPoint:
 
 def load_calibrated_members(
     path: Path, members_dir: Path, setting: str = "infer.thresholds"
-) -> tuple[list[Member], dict]:
+) -> tuple[list[Member], Calibration]:
     """The members named in thresholds.json, checked by count and weights hash.
 
     thresholds.json names each member by its file name inside ``members_dir``; a name
     that leads elsewhere is refused, and each file's hash is checked against the one
-    recorded at calibration before its weights are deserialised. ``setting`` is what the
-    user passes to point at another file (``serve.thresholds`` for the server).
+    recorded at calibration before its weights are deserialised.
     """
     if not path.is_file():
         raise FileNotFoundError(
@@ -116,8 +115,8 @@ def load_calibrated_members(
         )
     calibration = read_thresholds(path)  # every field checked before one is used
     members = []
-    for recorded in calibration["members"]:
-        name, sha256 = recorded["path"], recorded["sha256"]
+    for recorded in calibration.members:
+        name, sha256 = recorded.path, recorded.sha256
         if name in ("", ".", "..") or "/" in name or "\\" in name or ".." in name:
             raise ValueError(
                 f"{path} names member {name!r}, not a file name inside the members folder "
@@ -139,62 +138,57 @@ OPERATING_POINT_OBJECTIVES = {"lam": "lambda", "budget_ms": "budget"}
 Pareto front; ``max_drop`` picks from the certified front instead."""
 
 
-def operating_point(request: OperatingPointRequest, calibration: dict) -> OperatingPoint:
+def operating_point(request: OperatingPointRequest, calibration: Calibration) -> OperatingPoint:
     """The calibrated thresholds, or another point of the calibration's fronts."""
     if request.chosen is None:
-        flexible = calibration["calibration"]["flexible"]
         return OperatingPoint(
-            calibration["thresholds"],
+            list(calibration.thresholds),
             "calibrated",
-            flexible["expected_latency_ms"],
-            calibration.get("certificate"),
+            calibration.flexible.expected_latency_ms,
+            calibration.certificate,
         )
     setting, value = request.chosen
     if setting == "max_drop":
         return certified_operating_point(calibration, value)
-    full = calibration["calibration"]["full"]
     objective = Objective(
         kind=OPERATING_POINT_OBJECTIVES[setting],
-        latency_full_ms=full["expected_latency_ms"],
-        error_full=1.0 - full["accuracy"],
-        num_samples=calibration["calibration"]["num_samples"],
+        latency_full_ms=calibration.full.expected_latency_ms,
+        error_full=1.0 - calibration.full.accuracy,
+        num_samples=calibration.num_samples,
         **{setting: float(value)},
     )
-    point, feasible = select_point(calibration["pareto_front"], objective)
+    point, feasible = select_point(list(calibration.pareto_front), objective)
     if not feasible:
         print(
             f"warning: no calibrated operating point meets {objective.describe()}; using the "
             f"closest ({point.accuracy:.2%} at {point.latency_ms:.3f} ms expected)"
         )
-    certificate = calibration.get("certificate") or {}
-    estimate = uncertified_point(calibration, point.accuracy, certificate)
+    estimate = uncertified_point(calibration, point.accuracy)
     return OperatingPoint(point.thresholds, f"{setting}={value:g}", point.latency_ms, estimate)
 
 
-def certified_operating_point(calibration: dict, epsilon: float) -> OperatingPoint:
+def certified_operating_point(calibration: Calibration, epsilon: float) -> OperatingPoint:
     """The cheapest point certified at ``epsilon`` by the calibration's fixed-sequence test."""
-    basis = calibration.get("certification")
-    front = calibration.get("certified_front")
+    basis, front = calibration.certification, list(calibration.certified_front)
     if not basis or not front:
         raise ValueError(
-            f"{calibration.get('ensemble', 'this ensemble')}'s thresholds.json holds no certified "
+            f"{calibration.ensemble}'s thresholds.json holds no certified "
             "front (calibrated before certificates existed); recalibrate: python calibrate.py"
         )
     if not 0 < epsilon < 1:
         raise ValueError(f"infer.operating_point.max_drop must be in (0, 1), got {epsilon}")
     thresholds, certificate = certified_thresholds(front, epsilon, basis)
-    latency = pick_certified(front, epsilon)["latency_ms"]
+    latency = pick_certified(front, epsilon)["expected_latency_ms"]
     return OperatingPoint(thresholds, f"max_drop={epsilon:g}", latency, certificate)
 
 
-def uncertified_point(calibration: dict, accuracy: float, certificate: dict) -> dict:
+def uncertified_point(calibration: Calibration, accuracy: float) -> dict:
     """A λ/budget point from the Pareto front: its calibration-split loss, as an estimate."""
-    full = calibration["calibration"]["full"]["accuracy"]
     return {
         "certified": False,
-        "risk": certificate.get("risk", "drop"),
-        "observed_risk": max(full - accuracy, 0.0),
-        "num_samples": calibration["calibration"]["num_samples"],
+        "risk": calibration.certificate.get("risk", "drop"),
+        "observed_risk": max(calibration.full.accuracy - accuracy, 0.0),
+        "num_samples": calibration.num_samples,
     }
 
 
@@ -269,20 +263,20 @@ def evaluate(
     module: FlexibleEnsembleModule,
     datamodule,
     device: torch.device,
-    calibration: dict,
+    calibration: Calibration,
     point: OperatingPoint,
 ) -> tuple[dict, EnsembleOutput]:
     """metrics.json's content, and the configured mode's answer for every test sample."""
     expected = {
-        "full": calibration["calibration"]["full"]["expected_latency_ms"],
+        "full": calibration.full.expected_latency_ms,
         "flexible": point.expected_latency_ms,
     }
     results, per_sample, sizes = compare_modes(settings, module, datamodule, device, expected)
     metrics = {
         **results,
-        "ensemble": calibration["ensemble"],
+        "ensemble": calibration.ensemble,
         "members": module.num_members,
-        "criterion": calibration["criterion"],
+        "criterion": calibration.criterion,
         "thresholds": list(point.thresholds),
         "operating_point": point.name,
         "certificate": point.certificate,

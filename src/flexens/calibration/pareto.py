@@ -63,7 +63,7 @@ class ParetoCollector:
         return [
             {
                 "thresholds": [float(x) for x in t],
-                "latency_ms": float(lat),
+                "expected_latency_ms": float(lat),
                 "accuracy": float(1.0 - err),
             }
             for t, lat, err in zip(self.thresholds, self.latency_ms, self.error, strict=True)
@@ -84,10 +84,12 @@ def select_point(front: list[dict], objective: Objective) -> tuple[FrontPoint, b
     """
     if not front:
         raise ValueError("the calibration stores no Pareto front; rerun calibrate.py")
-    latency = np.array([p["latency_ms"] for p in front])
+    latency = np.array([p["expected_latency_ms"] for p in front])
     error = 1.0 - np.array([p["accuracy"] for p in front])
     score = objective.score(latency, error)
     best = int(np.argmin(score))
     feasible = bool(objective.violation(latency[best : best + 1], error[best : best + 1])[0] == 0)
     point = front[best]
-    return FrontPoint(point["thresholds"], point["latency_ms"], point["accuracy"]), feasible
+    return FrontPoint(
+        point["thresholds"], point["expected_latency_ms"], point["accuracy"]
+    ), feasible

@@ -126,7 +126,7 @@ def one_member_choice(settings: CalibrateSettings, table: StageTable, objective)
         "thresholds.json says: run it"
     )
     full = table.full()
-    point = {"thresholds": [], "latency_ms": full.latency_ms, "accuracy": full.accuracy}
+    point = {"thresholds": [], "expected_latency_ms": full.latency_ms, "accuracy": full.accuracy}
     certificate = uncertified(table, [], settings.risk, float(settings.delta))
     return {
         "objective": objective,
@@ -262,7 +262,7 @@ def log_report(logger, report: dict, images: dict[str, Path]) -> None:
         "certified_front",
         ["certified_epsilon", "avg_members", "expected_latency_ms"],
         [
-            [p["certified_epsilon"], p["avg_members"], p["latency_ms"]]
+            [p["certified_epsilon"], p["avg_members"], p["expected_latency_ms"]]
             for p in report["certified_front"]
         ],
     )
@@ -304,7 +304,7 @@ def make_plots(run: Path, table: StageTable, report: dict, memo: SweepMemo) -> d
     front = report["pareto_front"]
     images["pareto_front"] = plots.plot_pareto_front(
         run / "pareto_front.png",
-        np.array([p["latency_ms"] for p in front]),
+        np.array([p["expected_latency_ms"] for p in front]),
         np.array([p["accuracy"] for p in front]),
         chosen=point(cal["flexible"]),
         full=point(cal["full"]),

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-THRESHOLDS_FORMAT = "flexens-thresholds-v2"
+THRESHOLDS_FORMAT = "flexens-thresholds-v3"
+"""v3: front points name their latency `expected_latency_ms` like every summary (v2: `latency_ms`)."""
 RECALIBRATE = "recalibrate: python calibrate.py"
 PROFILE_FIX = "delete it to measure again (or drop calibrate.latency_profile)"
 
@@ -57,7 +59,7 @@ def validate_thresholds(data: dict, path: Path) -> dict:
     if fmt != THRESHOLDS_FORMAT:
         raise ValueError(
             f"{what} {str(path)!r} has format {fmt!r}, this flexens reads {THRESHOLDS_FORMAT!r} "
-            f"(it carries the certificate); {RECALIBRATE}"
+            f"(written by an older flexens); {RECALIBRATE}"
         )
     members = _field(data, "members", list, path, what, RECALIBRATE)
     if not members:
@@ -75,8 +77,15 @@ def validate_thresholds(data: dict, path: Path) -> dict:
             f"members; {RECALIBRATE}"
         )
     _field(data, "criterion", str, path, what, RECALIBRATE)
+    _field(data, "ensemble", str, path, what, RECALIBRATE)
     for key in ("calibration", "latency_profile", "certificate"):
         _field(data, key, dict, path, what, RECALIBRATE)
+    split = data["calibration"]
+    _field(split, "num_samples", int, path, f"{what} (calibration)", RECALIBRATE)
+    for mode in ("flexible", "full"):
+        summary = _field(split, mode, dict, path, f"{what} (calibration)", RECALIBRATE)
+        values = [summary.get(k) for k in ModeSummary.__dataclass_fields__]
+        _finite_numbers(values, f"calibration.{mode}", path, what, RECALIBRATE)
     for key in ("certified_front", "pareto_front"):
         for i, point in enumerate(_field(data, key, list, path, what, RECALIBRATE)):
             if not isinstance(point, dict) or not isinstance(point.get("thresholds"), list):
@@ -100,8 +109,70 @@ def validate_profile(data: dict, path: Path) -> dict:
     return data
 
 
-def read_thresholds(path: Path) -> dict:
-    return validate_thresholds(read_json_file(path, "thresholds file", RECALIBRATE), path)
+@dataclass(frozen=True)
+class ModeSummary:
+    """One execution mode on the calibration split; the latency is the profile's estimate."""
+
+    accuracy: float
+    avg_members: float
+    expected_latency_ms: float
+
+
+@dataclass(frozen=True)
+class MemberRef:
+    """A member as thresholds.json names it: a file inside the members folder, and its hash."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What serving a thresholds.json needs, read once and typed (infer.py, serve.py).
+
+    The file holds more (search statistics, the λ curve, the latency profile) for people
+    and plots; those stay in the JSON. Fronts are lists of plain points (``thresholds``,
+    ``accuracy``, ``avg_members``, ``latency_ms``, and ``certified_epsilon`` on the
+    certified front).
+    """
+
+    ensemble: str
+    members: tuple[MemberRef, ...]
+    criterion: str
+    thresholds: tuple[float, ...]
+    certificate: dict
+    num_samples: int
+    flexible: ModeSummary
+    full: ModeSummary
+    certification: dict | None
+    certified_front: tuple[dict, ...]
+    pareto_front: tuple[dict, ...]
+
+    @classmethod
+    def from_json(cls, data: dict, path: Path) -> Calibration:
+        """Checked field by field first: a bad file is one line naming the field."""
+        validate_thresholds(data, path)
+        split = data["calibration"]
+        summary = lambda mode: ModeSummary(  # noqa: E731
+            **{k: float(split[mode][k]) for k in ModeSummary.__dataclass_fields__}
+        )
+        return cls(
+            ensemble=data["ensemble"],
+            members=tuple(MemberRef(m["path"], m["sha256"]) for m in data["members"]),
+            criterion=data["criterion"],
+            thresholds=tuple(float(t) for t in data["thresholds"]),
+            certificate=data["certificate"],
+            num_samples=int(split["num_samples"]),
+            flexible=summary("flexible"),
+            full=summary("full"),
+            certification=data.get("certification"),
+            certified_front=tuple(data["certified_front"]),
+            pareto_front=tuple(data["pareto_front"]),
+        )
+
+
+def read_thresholds(path: Path) -> Calibration:
+    return Calibration.from_json(read_json_file(path, "thresholds file", RECALIBRATE), path)
 
 
 def read_profile(path: Path) -> dict:

@@ -104,8 +104,8 @@ class EnsembleAPI(ls.LitAPI):
         self.module = (
             FlexibleEnsembleModule(
                 [m.network for m in members],
-                calibration["thresholds"],
-                calibration["criterion"],
+                calibration.thresholds,
+                calibration.criterion,
                 mode=self.mode,
             )
             .to(self.device)

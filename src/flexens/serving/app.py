@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from flexens.calibration.schema import Calibration
 from flexens.images import decode_image
 from flexens.inference import load_calibrated_members
 from flexens.latency import resolve_device
@@ -36,7 +37,7 @@ class ServerParts:
     ladder: list
 
 
-def build_server(settings: ServeSettings, image_transform, in_chans: int, calibration: dict):
+def build_server(settings: ServeSettings, image_transform, in_chans: int, calibration: Calibration):
     """A ready-to-run LitServer; nothing is started."""
     front = ServingFront(
         calibration, settings.limits, settings.default_point, full=settings.mode == "full"
@@ -53,7 +54,7 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         "front": front,
         "decode": decode,
         "max_body_bytes": settings.max_body_bytes,
-        "num_members": len(calibration["members"]),
+        "num_members": len(calibration.members),
         "ladder": ladder,
         "slo_policy": policy,
     }
@@ -73,7 +74,7 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         timeout=settings.timeout,
         fast_queue=settings.fast_queue,
         middlewares=[(RequestGate, gate)],
-        model_metadata={"ensemble": calibration["ensemble"], "criterion": calibration["criterion"]},
+        model_metadata={"ensemble": calibration.ensemble, "criterion": calibration.criterion},
     )
     return ServerParts(server, front, ladder)
 
@@ -89,7 +90,7 @@ def serve(cfg: DictConfig) -> None:
     parts = build_server(settings, transform, in_chans, calibration)
     torch.set_num_threads(1)  # the HTTP process decodes one image at a time
     point = parts.front.default
-    print(f"serving {calibration['ensemble']} ({settings.mode}) at operating point {point.name}")
+    print(f"serving {calibration.ensemble} ({settings.mode}) at operating point {point.name}")
     print(point.describe())
     if len(parts.ladder) > 1:
         print(f"slo mode: p99 <= {settings.slo_ms:g} ms, stepping along")

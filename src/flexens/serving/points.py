@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from flexens.calibration.schema import Calibration
 from flexens.inference import OperatingPointRequest, operating_point
 
 SETTINGS = ("max_drop", "budget_ms", "lam")
@@ -74,7 +75,7 @@ class ServingFront:
 
     def __init__(
         self,
-        calibration: dict,
+        calibration: Calibration,
         limits: dict[str, tuple[float, float] | None],
         default: tuple[str, float] | None = None,
         full: bool = False,
@@ -84,7 +85,7 @@ class ServingFront:
         self.full = full
         self._cache: dict[tuple[str, float], ServedPoint] = {}
         if full:
-            latency = calibration["calibration"]["full"]["expected_latency_ms"]
+            latency = calibration.full.expected_latency_ms
             self.default = ServedPoint("full", None, latency, False, None, 0.0)
         else:
             setting, value = default if default is not None else (None, None)

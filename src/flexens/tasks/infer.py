@@ -33,7 +33,7 @@ def infer(cfg: DictConfig) -> dict:
         Path(settings.thresholds), Path(cfg.paths.members_dir)
     )
     point = operating_point(settings.operating_point, calibration)
-    module = build_module(members, calibration["criterion"], point, settings, device)
+    module = build_module(members, calibration.criterion, point, settings, device)
     print(f"thresholds ({point.name}): " + ", ".join(f"{t:.2f}" for t in point.thresholds))
     print(certificate_line(point.certificate))
     datamodule = instantiate(cfg.data)

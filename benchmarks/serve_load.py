@@ -13,8 +13,8 @@ every mode:
    called in-process on the same decoded images (target ≤ 1.5 ms).
 
 Run: ``python benchmarks/serve_load.py [--data cifar10] [--members-dir DIR]
-[--thresholds FILE] [--update-docs]``. Defaults: the CIFAR-10 benchmark members and their
-certified 1 pp thresholds (benchmarks/results/runs/certified_1pp/thresholds.json).
+[--thresholds FILE] [--update-docs]``. Defaults: the CIFAR-10 benchmark members and the
+thresholds.json ``python calibrate.py experiment=cifar10`` writes next to them.
 """
 
 from __future__ import annotations
@@ -49,9 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--members-dir", type=Path, default=ROOT / "outputs/members/cifar10-small_cnn"
     )
     parser.add_argument(
-        "--thresholds",
-        type=Path,
-        default=ROOT / "benchmarks/results/runs/certified_1pp/thresholds.json",
+        "--thresholds", type=Path, default=None, help="default: MEMBERS_DIR/thresholds.json"
     )
     parser.add_argument("--images", type=int, default=500, help="test images, cycled")
     parser.add_argument("--seconds", type=float, default=12.0, help="per load level")
@@ -59,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slo-ms", type=float, default=None, help="default: 4 × full's p50 at 1")
     parser.add_argument("--port", type=int, default=8791)
     parser.add_argument("--update-docs", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.thresholds = args.thresholds or args.members_dir / "thresholds.json"
+    return args
 
 
 def labelled_images(data: str, count: int, folder: Path) -> list[tuple[str, str]]:

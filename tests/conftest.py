@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,52 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
     yield
     torch.set_num_threads(threads)
     calibration_inputs._last = None  # let the members of the last calibration go
+
+
+# -- W&B offline runs, read from their files ------------------------------------------------
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B transaction log (``run-<id>.wandb``).
+
+    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of chunks, each
+    ``crc32 (uint32), length (uint16), type (uint8: 1 full, 2 first, 3 middle, 4 last)``
+    and its data, the crc seeded with the crc of the type byte. wandb itself no longer ships
+    a reader, so the tests read it with wandb's own protobuf schema.
+    """
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, records, pending, i = path.read_bytes(), [], b"", 7
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    while i + 7 <= len(data):
+        if 32768 - i % 32768 < 7:  # block trailer: zero padding
+            i += 32768 - i % 32768
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[i : i + 7])
+        chunk = data[i + 7 : i + 7 + length]
+        i += 7 + length
+        if kind == 0:
+            continue
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"{path}: bad chunk"
+        pending += chunk
+        if kind in (1, 4):
+            record = Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_offline_runs(folder: Path) -> list[dict]:
+    """Every offline run under ``folder``: its id, exit code (None if never finished), config."""
+    runs = []
+    for log in sorted(folder.glob("**/wandb/offline-run-*/run-*.wandb")):
+        records = wandb_records(log)
+        exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+        config = {
+            item.key: json.loads(item.value_json)
+            for r in records
+            if r.WhichOneof("record_type") == "config"
+            for item in r.config.update
+        }
+        run_id = next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
+        runs.append({"id": run_id, "exit_code": exits[-1] if exits else None, "config": config})
+    return runs

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 _TEMP = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+_LEGACY_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp's names
 LEGACY_TEMP_AGE_S = 3600.0
-"""Temporary files of older flexens versions (``.<name>.<random>.tmp``, no writer recorded)
-are stray once this old; no write takes an hour between creating and renaming its file."""
+"""Temporary files of older flexens versions (``.<name>.<8 random>.tmp``, no writer
+recorded) are stray once this old; no write takes an hour between creating and renaming."""
 
 
 def _host() -> str:
@@ -53,7 +54,7 @@ def stray_temp_files(folder: str | Path) -> list[Path]:
         if match:
             if match["host"] == _host() and not _alive(int(match["pid"])):
                 stray.append(path)
-        elif _old_enough(path):
+        elif _LEGACY_TEMP.match(path.name) and _old_enough(path):
             stray.append(path)
     return sorted(stray)
 

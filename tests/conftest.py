@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -155,18 +156,36 @@ def wandb_records(path: Path) -> list:
     return records
 
 
-def wandb_offline_runs(folder: Path) -> list[dict]:
-    """Every offline run under ``folder``: its id, exit code (None if never finished), config."""
-    runs = []
-    for log in sorted(folder.glob("**/wandb/offline-run-*/run-*.wandb")):
-        records = wandb_records(log)
-        exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
-        config = {
-            item.key: json.loads(item.value_json)
-            for r in records
-            if r.WhichOneof("record_type") == "config"
-            for item in r.config.update
-        }
-        run_id = next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
-        runs.append({"id": run_id, "exit_code": exits[-1] if exits else None, "config": config})
-    return runs
+def wandb_offline_run(log: Path) -> dict:
+    """One offline run: its id, exit code (None if never finished) and config."""
+    records = wandb_records(log)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "run" in kinds, f"{log} holds no run record (yet)"
+    exits = [r.exit.exit_code for r, kind in zip(records, kinds, strict=True) if kind == "exit"]
+    config = {
+        item.key: json.loads(item.value_json)
+        for r, kind in zip(records, kinds, strict=True)
+        if kind == "config"
+        for item in r.config.update
+    }
+    run_id = records[kinds.index("run")].run.run_id
+    return {"id": run_id, "exit_code": exits[-1] if exits else None, "config": config}
+
+
+def wandb_offline_runs(folder: Path, wait_s: float = 30.0) -> list[dict]:
+    """Every offline run under ``folder``, once all are finished (or after ``wait_s``).
+
+    wandb's core process writes the log after ``wandb.finish`` returns, so a run finished
+    in this process may still be incomplete on disk for a moment.
+    """
+    logs = sorted(folder.glob("**/wandb/offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            runs = [wandb_offline_run(log) for log in logs]
+        except Exception:  # a chunk or record still being written (crc, protobuf decode)
+            runs = None
+        if runs is not None and all(r["exit_code"] is not None for r in runs):
+            return runs
+        time.sleep(0.2)
+    return [wandb_offline_run(log) for log in logs]

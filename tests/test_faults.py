@@ -68,22 +68,20 @@ path ending in ``target``: the moment a published file would appear."""
 
 
 # -- helpers --------------------------------------------------------------------------------
-def train_config(out: Path, *overrides: str) -> DictConfig:
-    paths = [f"paths.output_dir={out}", f"paths.run_dir={out}/run"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "train", overrides=[*TRAIN, f"trainer.max_epochs={EPOCHS}", *paths, *overrides]
-        )
-
-
-def train_overrides(out: Path) -> list[str]:
-    """The overrides of :func:`train_config`, for train.py."""
+def train_overrides(out: Path, epochs: int = EPOCHS) -> list[str]:
+    """A tiny digits member in ``out``, as train.py takes it."""
     return [
         *TRAIN,
-        f"trainer.max_epochs={EPOCHS}",
+        f"trainer.max_epochs={epochs}",
         f"paths.output_dir={out}",
         f"paths.run_dir={out}/run",
     ]
+
+
+def train_config(out: Path, epochs: int = EPOCHS) -> DictConfig:
+    """The same, for an in-process run."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=train_overrides(out, epochs))
 
 
 def _env() -> dict:
@@ -244,15 +242,15 @@ def test_train_killed_while_publishing_a_member_ends_equal_after_a_rerun(tmp_pat
 
 @pytest.mark.slow
 def test_train_killed_after_an_epoch_resumes_to_the_same_member(tmp_path: Path) -> None:
-    reference = train_member(train_config(tmp_path / "whole"))
+    epochs = 6  # room to kill it in after the first checkpoint
+    reference = train_member(train_config(tmp_path / "whole", epochs))
     out = tmp_path / "killed"
     last = out / MEMBERS / ".work" / "seed=0" / "last.ckpt"
-    kill_when(
-        lambda: loadable_checkpoint(last), "train.py", *train_overrides(out), log=tmp_path / "log"
-    )
-    assert torch.load(last, weights_only=True)["epoch"] < EPOCHS - 1  # killed mid-training
+    overrides = train_overrides(out, epochs)
+    kill_when(lambda: loadable_checkpoint(last), "train.py", *overrides, log=tmp_path / "log")
+    assert torch.load(last, weights_only=True)["epoch"] < epochs - 1  # killed mid-training
     assert not list((out / MEMBERS).glob("seed=0.*"))
-    rerun = run_script("train.py", *train_overrides(out))
+    rerun = run_script("train.py", *overrides)
     assert "resuming from" in rerun.stdout
     assert_same_member(member_path(out / MEMBERS, 0), reference)
     assert leftovers(out) == []

@@ -175,8 +175,9 @@ class EnsembleDataModule(L.LightningDataModule):
 
         The sampler starts at the trainer's current epoch: a resumed run can create the
         iterator before Lightning calls ``set_epoch`` (with worker processes, which fetch
-        indices at once). A last batch of a single sample is dropped (a different one each epoch): BatchNorm
-        cannot train on one sample, and e.g. 673 images in batches of 16 leave exactly one.
+        indices at once). A last batch of a single sample is dropped (a different one each
+        epoch): BatchNorm cannot train on one sample, and e.g. 673 images in batches of 16
+        leave exactly one.
         """
         train = Subset(self.train_augmented, self.train_indices.tolist())
         lone = len(train) % self.batch_size == 1 and len(train) > 1

@@ -89,6 +89,7 @@ def _env() -> dict:
 
 
 def kill_before_rename(target: str, script: str, *overrides: str) -> None:
+    """Run ``script`` until it is about to publish ``target``; it must die right there."""
     command = [sys.executable, "-c", KILL_BEFORE_RENAME, target, str(ROOT / script), *overrides]
     result = subprocess.run(
         command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
@@ -124,10 +125,10 @@ def kill_when(ready: Callable[[], bool], script: str, *overrides: str, log: Path
 
 
 def loadable_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a whole Lightning checkpoint (Lightning writes it in place)."""
+    """Whether ``path`` is a whole Lightning checkpoint, safe to kill the run after."""
     try:
         return "state_dict" in torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # absent, or still being written
+    except Exception:  # absent, or not yet whole
         return False
 
 

@@ -31,7 +31,7 @@ from conftest import ROOT, run_script
 from flexens.artifacts import _host, remove_stray_temp_files, write_json, write_text
 from flexens.data.base import EpochShuffle
 from flexens.members.registry import load_member, member_path, record_path
-from flexens.members.train import EpochSeeds, train_member
+from flexens.tasks.train import EpochSeeds, train_member
 
 MEMBERS = "members/digits-small_cnn"
 TRAIN = [

@@ -13,10 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_script, wandb_offline_runs
-from flexens.members.train import train_member
 from flexens.memo import SweepMemo
 from flexens.tasks.calibrate import calibrate
 from flexens.tasks.infer import infer
+from flexens.tasks.train import train_member
 
 TINY = [
     "model.kwargs.width=8",

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import litserve as ls
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from flexens.calibration.schema import Calibration
 from flexens.images import decode_image
@@ -24,7 +22,7 @@ from flexens.latency import resolve_device
 from flexens.serving.api import EnsembleAPI
 from flexens.serving.gate import RequestGate
 from flexens.serving.points import ServingFront
-from flexens.serving.settings import ServeSettings, read_settings
+from flexens.serving.settings import ServeSettings
 from flexens.serving.slo import SloPolicy
 
 
@@ -79,15 +77,14 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
     return ServerParts(server, front, ladder)
 
 
-def serve(cfg: DictConfig) -> None:
-    settings = read_settings(cfg)
+def serve(settings: ServeSettings, image_transform) -> None:
+    """Load and check the ensemble, then answer requests until interrupted."""
     members, calibration = load_calibrated_members(
         settings.thresholds, settings.members_dir, "serve.thresholds"
     )  # the checks infer.py makes, before any process starts
     in_chans = members[0].arch.get("in_chans", 3)
     del members  # the workers load their own copies
-    transform = instantiate(cfg.data).image_transform()
-    parts = build_server(settings, transform, in_chans, calibration)
+    parts = build_server(settings, image_transform, in_chans, calibration)
     torch.set_num_threads(1)  # the HTTP process decodes one image at a time
     point = parts.front.default
     print(f"serving {calibration.ensemble} ({settings.mode}) at operating point {point.name}")

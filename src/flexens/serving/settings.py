@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from flexens.serving.points import SETTINGS
 from flexens.serving.slo import SloPolicy
 
@@ -81,9 +79,9 @@ def _default_point(raw: dict) -> tuple[str, float] | None:
     return key, _number(value, f"operating_point.{key}")
 
 
-def read_settings(cfg: DictConfig) -> ServeSettings:
-    """Check every ``serve.*`` value before anything is loaded; one line per mistake."""
-    s = OmegaConf.to_container(cfg.serve, resolve=True)
+def read_settings(s: dict, members_dir: Path, device: str) -> ServeSettings:
+    """Check every ``serve.*`` value (``s``, the group as plain data) before anything is
+    loaded; one line per mistake."""
     if s["host"] not in HOSTS:
         raise ValueError(f"serve.host must be one of {', '.join(HOSTS)}, got {s['host']!r}")
     if s["mode"] not in ("flexible", "full"):
@@ -100,7 +98,7 @@ def read_settings(cfg: DictConfig) -> ServeSettings:
         SloPolicy(slo_ms, tuple(range(len(ladder) + 1, 0, -1)), **slo)
     return ServeSettings(
         thresholds=Path(s["thresholds"]),
-        members_dir=Path(cfg.paths.members_dir),
+        members_dir=members_dir,
         host=s["host"],
         port=port,
         mode=s["mode"],
@@ -112,7 +110,7 @@ def read_settings(cfg: DictConfig) -> ServeSettings:
         max_body_bytes=_whole(s["max_body_bytes"], "max_body_bytes", 1),
         max_pixels=_whole(s["max_pixels"], "max_pixels", 1),
         fast_queue=bool(s["fast_queue"]),
-        device=str(cfg.device),
+        device=device,
         default_point=_default_point(s["operating_point"]),
         limits=_limits(s["limits"]),
         slo_ms=slo_ms,

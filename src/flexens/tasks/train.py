@@ -21,7 +21,6 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, RichProgressB
 
 from flexens.artifacts import fingerprint, write_text
 from flexens.data.base import epoch_seed
-from flexens.members.distributed import ddp_member_scope
 from flexens.members.module import MemberModule
 from flexens.members.record import OLD_SUFFIX, convert_command
 from flexens.members.registry import (
@@ -31,7 +30,8 @@ from flexens.members.registry import (
     record_path,
     weights_bytes,
 )
-from flexens.reporting.loggers import build_logger, close_logger, log_config, run_dir
+from flexens.reporting.loggers import open_logger, run_dir
+from flexens.tasks.distributed import ddp_member_scope
 
 log = logging.getLogger(__name__)
 
@@ -251,14 +251,8 @@ def train_member(cfg: DictConfig) -> Path:
         log.info("member %s already trained; skipping (train.force=true retrains it)", out)
         print(f"skipped (exists): {out}")
         return out
-    logger = build_logger(cfg, run_dir(cfg), name=f"{cfg.ensemble.name}-seed{seed}")
-    status = "failed"
-    try:
-        log_config(logger, cfg)
+    with open_logger(cfg, run_dir(cfg), f"{cfg.ensemble.name}-seed{seed}") as logger:
         fit_and_publish(cfg, seed, recipe, out, logger)
-        status = "success"
-    finally:
-        close_logger(logger, status)
     return out
 
 

@@ -52,10 +52,10 @@ from flexens.latency import (  # noqa: E402
 )
 from flexens.members.module import MemberModule  # noqa: E402
 from flexens.members.registry import load_ensemble  # noqa: E402
-from flexens.members.train import member_arch  # noqa: E402
 from flexens.memo import SweepMemo  # noqa: E402
 from flexens.reporting.plots import plot_accuracy_vs_latency  # noqa: E402
 from flexens.tasks.calibrate import calibrate  # noqa: E402
+from flexens.tasks.train import member_arch  # noqa: E402
 
 CRITERIA = ("margin", "max_prob", "entropy")
 LAMBDAS = {"quality": 100.0, "default": 10.0, "speed": 1.0}

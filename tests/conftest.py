@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,70 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- W&B offline runs, read from their files ------------------------------------------------
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B transaction log (``run-<id>.wandb``).
+
+    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of chunks, each
+    ``crc32 (uint32), length (uint16), type (uint8: 1 full, 2 first, 3 middle, 4 last)``
+    and its data, the crc seeded with the crc of the type byte. wandb itself no longer ships
+    a reader, so the tests read it with wandb's own protobuf schema.
+    """
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, records, pending, i = path.read_bytes(), [], b"", 7
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    while i + 7 <= len(data):
+        if 32768 - i % 32768 < 7:  # block trailer: zero padding
+            i += 32768 - i % 32768
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[i : i + 7])
+        chunk = data[i + 7 : i + 7 + length]
+        i += 7 + length
+        if kind == 0:
+            continue
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"{path}: bad chunk"
+        pending += chunk
+        if kind in (1, 4):
+            record = Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_offline_run(log: Path) -> dict:
+    """One offline run: its id, exit code (None if never finished) and config."""
+    records = wandb_records(log)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "run" in kinds, f"{log} holds no run record (yet)"
+    exits = [r.exit.exit_code for r, kind in zip(records, kinds, strict=True) if kind == "exit"]
+    config = {
+        item.key: json.loads(item.value_json)
+        for r, kind in zip(records, kinds, strict=True)
+        if kind == "config"
+        for item in r.config.update
+    }
+    run_id = records[kinds.index("run")].run.run_id
+    return {"id": run_id, "exit_code": exits[-1] if exits else None, "config": config}
+
+
+def wandb_offline_runs(folder: Path, wait_s: float = 30.0) -> list[dict]:
+    """Every offline run under ``folder``, once all are finished (or after ``wait_s``).
+
+    wandb's core process writes the log after ``wandb.finish`` returns, so a run finished
+    in this process may still be incomplete on disk for a moment.
+    """
+    logs = sorted(folder.glob("**/wandb/offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            runs = [wandb_offline_run(log) for log in logs]
+        except Exception:  # a chunk or record still being written (crc, protobuf decode)
+            runs = None
+        if runs is not None and all(r["exit_code"] is not None for r in runs):
+            return runs
+        time.sleep(0.2)
+    return [wandb_offline_run(log) for log in logs]

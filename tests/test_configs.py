@@ -28,10 +28,10 @@ from conftest import ROOT, make_image_tree, run_script
 from flexens.cli import run as cli_run
 from flexens.members.networks import create_network
 from flexens.members.registry import load_member
-from flexens.members.train import member_arch, train_member
 from flexens.memo import SweepMemo
 from flexens.tasks.calibrate import calibrate
 from flexens.tasks.infer import infer
+from flexens.tasks.train import member_arch, train_member
 
 CONF = ROOT / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))

@@ -38,7 +38,7 @@ from flexens.members.registry import (
     record_path,
     save_member,
 )
-from flexens.members.train import member_arch, train_member, training_recipe
+from flexens.tasks.train import member_arch, train_member, training_recipe
 
 MEMBERS = "members/digits-small_cnn"
 TRAIN = ["data=digits", "model.kwargs.width=8", "trainer.max_epochs=1", "train.progress_bar=false"]

@@ -23,9 +23,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flexens.members.distributed import _starts_ranks_itself
 from flexens.members.networks import create_network
 from flexens.members.registry import load_member
+from flexens.tasks.distributed import _starts_ranks_itself
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -1,28 +1,108 @@
-"""Atomic writes and content fingerprints: an artifact is either complete or absent."""
+"""Atomic writes and content fingerprints: an artifact is either complete or absent.
+
+Every file is written to a temporary ``.<name>.<host>-<pid>.<random>.tmp`` beside it and
+renamed into place. A writer killed mid-write leaves only such a temporary file; the next
+write into that folder removes the ones whose writer (same host, that pid) is gone, so a
+rerun cleans up after the run it repeats, while a concurrent writer's file is left alone.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+_TEMP = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+_LEGACY_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp's names
+LEGACY_TEMP_AGE_S = 3600.0
+"""Temporary files of older flexens versions (``.<name>.<8 random>.tmp``, no writer
+recorded) are stray once this old; no write takes an hour between creating and renaming."""
+
+
+def _host() -> str:
+    """This machine's name as it appears in temporary file names (no dots or dashes)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def stray_temp_files(folder: str | Path) -> list[Path]:
+    """Temporary files in ``folder`` left by killed writers (never a live writer's)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stray = []
+    for path in folder.glob(".*.tmp"):
+        match = _TEMP.match(path.name)
+        if match:
+            if match["host"] == _host() and not _alive(int(match["pid"])):
+                stray.append(path)
+        elif _LEGACY_TEMP.match(path.name) and _old_enough(path):
+            stray.append(path)
+    return sorted(stray)
+
+
+def _old_enough(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > LEGACY_TEMP_AGE_S
+    except FileNotFoundError:  # its writer just renamed it
+        return False
+
+
+def remove_stray_temp_files(folder: str | Path) -> list[Path]:
+    """Remove what killed writers left in ``folder``; returns the removed files."""
+    removed = []
+    for path in stray_temp_files(folder):
+        try:
+            path.unlink()
+        except FileNotFoundError:  # a concurrent cleaner was first
+            continue
+        removed.append(path)
+    return removed
+
+
+def _temp_file(path: Path) -> Path:
+    """Create the temporary file for ``path`` with the permissions of any new file.
+
+    ``tempfile.mkstemp`` would create it 0600, and the rename would publish a file only its
+    owner can read; ``os.open`` with 0666 lets the umask decide, as for ``open(path, "w")``.
+    """
+    while True:
+        tmp = path.parent / f".{path.name}.{_host()}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
 
 def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_stray_temp_files(path.parent)
+    tmp = _temp_file(path)
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

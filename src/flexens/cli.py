@@ -51,7 +51,7 @@ def run(task: str, cfg: DictConfig, memo: SweepMemo | None = None) -> None:
 
 def dispatch(task: str, cfg: DictConfig, memo: SweepMemo) -> None:
     if task == "train":
-        from flexens.members.train import train_member
+        from flexens.tasks.train import train_member
 
         train_member(cfg)
     elif task == "calibrate":
@@ -62,6 +62,10 @@ def dispatch(task: str, cfg: DictConfig, memo: SweepMemo) -> None:
         from flexens.tasks.infer import infer
 
         infer(cfg)
+    elif task == "serve":
+        from flexens.tasks.serve import serve
+
+        serve(cfg)
     else:
         raise ValueError(f"unknown task {task!r}")
 

@@ -82,7 +82,7 @@ def run_full(members: Sequence[nn.Module], x: Tensor) -> Tensor:
 def run_flexible(
     members: Sequence[nn.Module],
     x: Tensor,
-    thresholds: Sequence[float],
+    thresholds: Sequence[float] | Tensor,
     criterion: Criterion,
     tail: FusedTail | None = None,
 ) -> EnsembleOutput:
@@ -92,7 +92,15 @@ def run_flexible(
     are simply overwritten by a later stage, so no halted subset has to be gathered. One
     host sync per stage learns who is left. With ``tail`` the samples that reach its first
     stage run all remaining members in one fused call; the halting arithmetic is unchanged.
+
+    ``thresholds`` is one set ``T_1..T_{N-1}`` for the whole batch, or a ``(B, N-1)`` tensor
+    with one set per sample: a server batches requests that asked for different operating
+    points, and each sample must halt exactly where it would alone. Per-sample thresholds
+    are compared in the confidence's dtype, which is what comparing with a Python float
+    does, so a row equal to the shared set gives the same decisions.
     """
+    per_sample = isinstance(thresholds, Tensor) and thresholds.dim() == 2
+    limits = thresholds.to(x.device) if per_sample else None
     n, batch = len(members), x.shape[0]
     fns = [probability_fn(m) for m in members]
     if tail is not None:
@@ -112,14 +120,17 @@ def run_flexible(
         exit_stage.index_fill_(0, active, k)
         if k == n - 1:
             break
-        keep = (~should_halt(conf, thresholds[k], is_last=False)).nonzero().squeeze(1)
+        limit = limits[:, k].to(conf.dtype) if per_sample else thresholds[k]
+        keep = (~should_halt(conf, limit, is_last=False)).nonzero().squeeze(1)
         if keep.numel() == 0:
             break
         active = active[keep]
-        keep = keep if keep.numel() < conf.numel() else None
+        shrink = keep.numel() < conf.numel()
+        if per_sample and shrink:
+            limits = limits[keep]
         if tail is not None:
-            tail.narrow(keep)
-        mean = loop.send(keep)
+            tail.narrow(keep if shrink else None)
+        mean = loop.send(keep if shrink else None)
     return EnsembleOutput(probs=probs_out, exit_stage=exit_stage, confidence=confidence)
 
 
@@ -204,13 +215,24 @@ class FlexibleEnsembleModule(L.LightningModule):
             )
         self.mode, self.first_k = mode, first_k
 
-    def forward(self, x: Tensor) -> EnsembleOutput:
+    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> EnsembleOutput:
+        """``thresholds``: optional ``(B, N-1)`` per-sample thresholds (``flexible`` mode only),
+        for a batch whose samples asked for different operating points."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         members = list(self.members)
+        if thresholds is not None:
+            if self.mode != "flexible":
+                raise ValueError(f"per-sample thresholds need mode 'flexible', not {self.mode!r}")
+            if tuple(thresholds.shape) != (x.shape[0], self.num_members - 1):
+                raise ValueError(
+                    f"per-sample thresholds must be (batch, N-1) = "
+                    f"({x.shape[0]}, {self.num_members - 1}), got {tuple(thresholds.shape)}"
+                )
         if self.mode == "flexible":
+            limits = self.thresholds if thresholds is None else thresholds
             tail = None if self.fuse_from is None else FusedTail(self.fused, self.fuse_from)
-            return run_flexible(members, x, self.thresholds, self.criterion, tail)
+            return run_flexible(members, x, limits, self.criterion, tail)
         if self.mode == "oracle":
             return run_oracle(members, x, self.criterion)
         used = members if self.mode == "full" else members[: self.first_k]

@@ -8,6 +8,7 @@ bad files in ``failures`` and goes on with the rest.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -151,9 +152,7 @@ def load_images(
     for raw in paths:
         path = Path(raw)
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = to_model_mode(ImageOps.exif_transpose(opened), in_chans)
+            image = _open(path, in_chans)
         except _DECODE_ERRORS as error:
             failures.append((path, _one_line(error)))
             continue
@@ -167,6 +166,58 @@ def load_images(
         loaded.append(path)
     stacked = torch.stack(tensors) if tensors else torch.empty(0)
     return LoadedImages(tensors=stacked, paths=loaded, failures=failures)
+
+
+def _open(source: Path | io.BytesIO, in_chans: int, max_pixels: int | None = None) -> Image.Image:
+    """Decode one image into the model's mode; refuse more than ``max_pixels`` from the header."""
+    with Image.open(source) as opened:
+        if max_pixels is not None and opened.width * opened.height > max_pixels:
+            raise ImageTooLarge(
+                f"image too large: {opened.width}×{opened.height} pixels, over the limit of "
+                f"{max_pixels:,}; send a smaller image"
+            )
+        opened.load()
+        return to_model_mode(ImageOps.exif_transpose(opened), in_chans)
+
+
+class ImageRejected(ValueError):
+    """Bytes that are not a usable image; the message is the one-line reason."""
+
+
+class ImageTooLarge(ImageRejected):
+    """An image whose header declares more pixels than allowed (a decompression bomb)."""
+
+
+def decode_image(
+    data: bytes,
+    in_chans: int,
+    transform: Callable[[Image.Image], torch.Tensor],
+    max_pixels: int,
+) -> torch.Tensor:
+    """One image from raw bytes (a server request), decoded as :func:`load_images` decodes files.
+
+    A server must refuse a bad body without harm: the pixel count is checked from the header
+    before a single pixel is decoded, so a 20,000 × 20,000 PNG of a few kilobytes costs no
+    memory. Every failure is an :class:`ImageRejected` with a one-line reason.
+    """
+    if not data:
+        raise ImageRejected("empty body; send the bytes of an image file")
+    try:
+        image = _open(io.BytesIO(data), in_chans, max_pixels)
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image: no image format recognised in the body") from None
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(f"image too large: {_one_line(error)}") from None
+    except _DECODE_ERRORS as error:
+        raise ImageRejected(f"not a readable image: {_one_line(error)}") from None
+    try:
+        tensor = transform(image)
+    except Exception as error:  # data-dependent transform failures reject one request
+        raise ImageRejected(f"transform failed: {_one_line(error)}") from None
+    _check_output(tensor, Path("<request body>"), in_chans, None)
+    return tensor
 
 
 def _check_output(

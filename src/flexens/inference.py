@@ -106,7 +106,9 @@ class OperatingPoint:
     certificate: dict
 
 
-def load_calibrated_members(path: Path, members_dir: Path) -> tuple[list[Member], Calibration]:
+def load_calibrated_members(
+    path: Path, members_dir: Path, setting: str = "infer.thresholds"
+) -> tuple[list[Member], Calibration]:
     """The members named in thresholds.json, checked by count and weights hash.
 
     thresholds.json names each member by its file name inside ``members_dir``; a name
@@ -116,7 +118,7 @@ def load_calibrated_members(path: Path, members_dir: Path) -> tuple[list[Member]
     if not path.is_file():
         raise FileNotFoundError(
             f"thresholds file {str(path)!r} does not exist; run calibrate.py first "
-            "(or pass infer.thresholds=/path/to/thresholds.json)"
+            f"(or pass {setting}=/path/to/thresholds.json)"
         )
     calibration = read_thresholds(path)  # every field checked before one is used
     members = []

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytorch_lightning as L
+import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from flexens.artifacts import fingerprint
 
@@ -33,12 +34,45 @@ def calibration_split(
     return np.sort(train), np.sort(calib)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 32-bit seed for (member seed, epoch): what epoch ``epoch`` of member
+    ``seed`` draws from, whether the run got there in one go or was resumed."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class EpochShuffle(RandomSampler):
+    """A shuffle that depends on (seed, epoch) alone, so a resumed member sees the very
+    batches an uninterrupted one sees.
+
+    ``RandomSampler`` draws each epoch's order from the global RNG, whose state a resumed
+    run does not have. Lightning calls :meth:`set_epoch` before every training epoch; the
+    order is drawn when iteration starts, so it follows the latest ``set_epoch``. Under DDP
+    Lightning swaps it (a ``RandomSampler``) for a ``DistributedSampler`` seeded by the
+    member seed, which is epoch-seeded the same way.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int, epoch: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
 class EnsembleDataModule(L.LightningDataModule):
     """Shared split logic; subclasses build the three datasets in :meth:`build`.
 
     ``build`` returns ``(train_augmented, train_plain, test)``: the first two index the same
     training samples, with and without augmentation (calibration must not see augmented
     images).
+
+    ``shuffle_seed`` seeds the training order (:class:`EpochShuffle`); ``train.py`` sets it
+    to the member seed.
     """
 
     name: str = "data"
@@ -53,6 +87,7 @@ class EnsembleDataModule(L.LightningDataModule):
         split_seed: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         if name is not None:
@@ -64,6 +99,7 @@ class EnsembleDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.shuffle_seed = shuffle_seed
         self._built = False
 
     # -- subclass API -----------------------------------------------------------------
@@ -122,12 +158,12 @@ class EnsembleDataModule(L.LightningDataModule):
         return Subset(self.train_plain, self.calib_indices.tolist())
 
     def _loader(
-        self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False
+        self, dataset: Dataset, batch_size: int, sampler=None, drop_last: bool = False
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
@@ -135,14 +171,20 @@ class EnsembleDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches.
+        """Shuffled, augmented training batches, in an order fixed by (seed, epoch).
 
-        A last batch of a single sample is dropped (a different one each epoch): BatchNorm
-        cannot train on one sample, and e.g. 673 images in batches of 16 leave exactly one.
+        The sampler starts at the trainer's current epoch: a resumed run can create the
+        iterator before Lightning calls ``set_epoch`` (with worker processes, which fetch
+        indices at once). A last batch of a single sample is dropped (a different one each
+        epoch): BatchNorm cannot train on one sample, and e.g. 673 images in batches of 16
+        leave exactly one.
         """
         train = Subset(self.train_augmented, self.train_indices.tolist())
         lone = len(train) % self.batch_size == 1 and len(train) > 1
-        return self._loader(train, self.batch_size, shuffle=True, drop_last=lone)
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        sampler = EpochShuffle(train, self.shuffle_seed, epoch)
+        return self._loader(train, self.batch_size, sampler=sampler, drop_last=lone)
 
     def val_dataloader(self) -> DataLoader:
         return self.calib_dataloader()

@@ -71,7 +71,8 @@ def first_line(err: BaseException) -> str:
 
 # -- writing ---------------------------------------------------------------------------------
 def weights_bytes(state_dict: dict, name: str) -> bytes:
-    """A network's tensors as safetensors bytes; NaN/Inf weights are refused."""
+    """A network's tensors as safetensors bytes (the same bytes for the same weights);
+    NaN/Inf weights are refused."""
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
@@ -79,8 +80,9 @@ def weights_bytes(state_dict: dict, name: str) -> bytes:
             f"member {name} was not written: {len(bad)} of its tensors hold NaN/Inf (first: "
             f"{bad[0]!r}), training diverged; retrain with a lower train.optimizer.lr"
         )
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
-    return save_safetensors(tensors, metadata=metadata)
+    # one metadata key: safetensors writes several in hash order, which varies from run to
+    # run, and identical weights must give identical bytes (and sha256)
+    return save_safetensors(tensors, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
 
 
 def publish_member(path: str | Path, weights: bytes, arch: dict, meta: dict) -> Path:

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 from flexens.artifacts import fingerprint, write_text
-from flexens.members.distributed import ddp_member_scope
+from flexens.data.base import epoch_seed
 from flexens.members.module import MemberModule
 from flexens.members.record import OLD_SUFFIX, convert_command
 from flexens.members.registry import (
@@ -27,7 +30,8 @@ from flexens.members.registry import (
     record_path,
     weights_bytes,
 )
-from flexens.reporting.loggers import build_logger, close_logger, log_config, run_dir
+from flexens.reporting.loggers import open_logger, run_dir
+from flexens.tasks.distributed import ddp_member_scope
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,34 @@ def resumable_checkpoint(work_dir: Path, recipe_id: str, force: bool) -> Path | 
     return None
 
 
+def remove_work_dir(work_dir: Path) -> None:
+    """Drop a member's resume folder, and ``.work/`` itself once no member uses it."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+    # not while another member's folder (a concurrent run) or a set-aside checkpoint is there
+    with contextlib.suppress(OSError):
+        work_dir.parent.rmdir()
+
+
+class EpochSeeds(Callback):
+    """Reseed torch, numpy and ``random`` from (seed, epoch) at the start of every epoch.
+
+    Dropout and augmentation then draw the same numbers in epoch e whether the run got
+    there in one go or resumed from a checkpoint (which does not hold the RNG states), so
+    a resumed member is bit-identical to an uninterrupted one. Worker processes are seeded
+    from the global RNG when an epoch's iterator is made, so they follow along, except
+    persistent workers (``data.persistent_workers=true``), which keep their own streams.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seed = epoch_seed(self.seed, trainer.current_epoch)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # CUDA generators too
+
+
 def refuse_untrained(cfg: DictConfig) -> None:
     """A run that cannot take a training step would publish random weights: refuse it."""
     for key in ("max_epochs", "max_steps"):
@@ -219,24 +251,13 @@ def train_member(cfg: DictConfig) -> Path:
         log.info("member %s already trained; skipping (train.force=true retrains it)", out)
         print(f"skipped (exists): {out}")
         return out
-    logger = build_logger(cfg, run_dir(cfg), name=f"{cfg.ensemble.name}-seed{seed}")
-    status = "failed"
-    try:
-        log_config(logger, cfg)
+    with open_logger(cfg, run_dir(cfg), f"{cfg.ensemble.name}-seed{seed}") as logger:
         fit_and_publish(cfg, seed, recipe, out, logger)
-        status = "success"
-    finally:
-        close_logger(logger, status)
     return out
 
 
-def fit_and_publish(cfg: DictConfig, seed: int, recipe: dict, out: Path, logger) -> None:
-    """Fit (resuming an interrupted run of the same recipe); publish only a sound member."""
-    L.seed_everything(seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()
-    arch = member_arch(cfg, datamodule.num_classes, datamodule.in_chans)
-    module = MemberModule(
+def member_module(cfg: DictConfig, arch: dict) -> MemberModule:
+    return MemberModule(
         arch=arch,
         optimizer=instantiate(cfg.train.optimizer),
         scheduler=cfg.train.scheduler,
@@ -244,9 +265,33 @@ def fit_and_publish(cfg: DictConfig, seed: int, recipe: dict, out: Path, logger)
         channels_last=cfg.train.channels_last,
         compile=cfg.train.compile,
     )
+
+
+def final_accuracy(trainer: L.Trainer, module: MemberModule, datamodule) -> float:
+    """Calibration-split accuracy of the final weights (NaN without a validation split).
+
+    A run resumed from the checkpoint of its last epoch (killed while publishing) trains
+    nothing and so measures nothing: it validates once, so its record says what an
+    uninterrupted run's says.
+    """
+    if "val/acc" not in trainer.callback_metrics:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    return float(trainer.callback_metrics.get("val/acc", float("nan")))
+
+
+def fit_and_publish(cfg: DictConfig, seed: int, recipe: dict, out: Path, logger) -> None:
+    """Fit (resuming an interrupted run of the same recipe); publish only a sound member."""
+    L.seed_everything(seed, workers=True)
+    datamodule = instantiate(cfg.data, shuffle_seed=seed)
+    datamodule.setup()
+    arch = member_arch(cfg, datamodule.num_classes, datamodule.in_chans)
+    module = member_module(cfg, arch)
     work_dir = Path(cfg.paths.members_dir) / ".work" / f"seed={seed}"
     resume = resumable_checkpoint(work_dir, fingerprint([recipe]), bool(cfg.train.force))
-    callbacks = [ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=1, monitor=None)]
+    callbacks = [
+        ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=1, monitor=None),
+        EpochSeeds(seed),
+    ]
     if cfg.train.progress_bar:
         callbacks.append(RichProgressBar())
     trainer = instantiate(
@@ -260,14 +305,14 @@ def fit_and_publish(cfg: DictConfig, seed: int, recipe: dict, out: Path, logger)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     train_time = time.perf_counter() - start
     if trainer.global_step == 0:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        remove_work_dir(work_dir)
         raise ValueError(
             f"seed={seed} took no training step (check trainer.limit_train_batches, "
             "trainer.max_steps and the training split); no member written"
         )
+    val_acc = final_accuracy(trainer, module, datamodule)
     if not trainer.is_global_zero:
         return
-    val_acc = float(trainer.callback_metrics.get("val/acc", float("nan")))
     meta = {
         "seed": seed,
         "ensemble": str(cfg.ensemble.name),
@@ -284,9 +329,9 @@ def fit_and_publish(cfg: DictConfig, seed: int, recipe: dict, out: Path, logger)
     try:
         weights = weights_bytes(module.net.state_dict(), out.name)
     except ValueError:
-        shutil.rmtree(work_dir, ignore_errors=True)  # resuming would only diverge again
+        remove_work_dir(work_dir)  # resuming would only diverge again
         raise
     publish_member(out, weights, arch, meta)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    remove_work_dir(work_dir)
     accuracy = "n/a" if meta["val_acc"] is None else f"{meta['val_acc']:.4f}"
     print(f"member: {out} (calibration-split accuracy {accuracy}, {train_time:.1f} s)")

@@ -1,0 +1,401 @@
+"""Load benchmark of ``serve.py``: flexible vs full under real HTTP load, and SLO mode.
+
+Starts the real server (``serve.py``, loopback only) and drives it with locust, headless,
+bounded in requests and time, with the same members and the same labelled test images for
+every mode:
+
+1. throughput and p50 / p99 latency at concurrency 1, 8 and 32 (closed loop), flexible vs
+   full; targets at 8: throughput ≥ 2.5× and p99 ≤ 0.5× full's;
+2. a ramp of offered load (open loop: users at a constant request rate) for full, flexible,
+   and flexible with SLO mode; target: where full's p99 passes 2 × SLO, SLO mode keeps
+   p99 ≤ SLO, giving up the accuracy its operating points' certificates state;
+3. server overhead: batch-1 latency through the server minus ``FlexibleEnsembleModule``
+   called in-process on the same decoded images (target ≤ 1.5 ms).
+
+Run: ``python benchmarks/serve_load.py [--data cifar10] [--members-dir DIR]
+[--thresholds FILE] [--update-docs]``. Defaults: the CIFAR-10 benchmark members and the
+thresholds.json ``python calibrate.py experiment=cifar10`` writes next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+from flexens.artifacts import replace_marked_section, write_json  # noqa: E402
+from flexens.latency import machine_info  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+RAMP = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+"""Offered load as multiples of the full ensemble's throughput at concurrency 32."""
+RAMP_USERS = 64
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="cifar10")
+    parser.add_argument(
+        "--members-dir", type=Path, default=ROOT / "outputs/members/cifar10-small_cnn"
+    )
+    parser.add_argument(
+        "--thresholds", type=Path, default=None, help="default: MEMBERS_DIR/thresholds.json"
+    )
+    parser.add_argument("--images", type=int, default=500, help="test images, cycled")
+    parser.add_argument("--seconds", type=float, default=12.0, help="per load level")
+    parser.add_argument("--max-requests", type=int, default=6000, help="per load level")
+    parser.add_argument("--slo-ms", type=float, default=None, help="default: 4 × full's p50 at 1")
+    parser.add_argument("--port", type=int, default=8791)
+    parser.add_argument("--update-docs", action="store_true")
+    args = parser.parse_args(argv)
+    args.thresholds = args.thresholds or args.members_dir / "thresholds.json"
+    return args
+
+
+def labelled_images(data: str, count: int, folder: Path) -> list[tuple[str, str]]:
+    """``count`` test images as files with their class names, the same for every mode."""
+    if data == "digits":
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        out = []
+        for i in range(count):
+            path = folder / f"digit{i}.png"
+            pixels = (255 - digits.images[-1 - i] * 16).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "L").save(path)
+            out.append((str(path), str(digits.target[-1 - i])))
+        return out
+    root = ROOT.parent / "shared/data" / data / "test"
+    root = Path(os.environ.get("FLEXENS_CIFAR10_ROOT", root.parent)) / "test"
+    files = sorted((p, p.parent.name) for p in root.glob("*/*.*"))
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(files), size=min(count, len(files)), replace=False)
+    return [(str(files[i][0]), files[i][1]) for i in sorted(picks)]
+
+
+class Server:
+    """``serve.py`` in a subprocess on the loopback interface, stopped on exit."""
+
+    def __init__(self, args: argparse.Namespace, *overrides: str) -> None:
+        self.url = f"http://127.0.0.1:{args.port}"
+        self.log = Path(tempfile.mkdtemp()) / "server.log"
+        command = [
+            sys.executable,
+            str(ROOT / "serve.py"),
+            f"data={args.data}",
+            f"paths.members_dir={args.members_dir}",
+            f"serve.thresholds={args.thresholds}",
+            f"serve.port={args.port}",
+            "serve.threads=1",
+            *overrides,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+        with self.log.open("w") as sink:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT
+            )
+
+    def __enter__(self) -> Server:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve.py exited:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"serve.py not healthy:\n{self.log.read_text()}")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def run_locust(
+    url: str, images_file: Path, users: int, rate: float, args: argparse.Namespace
+) -> dict:
+    """One bounded locust run; latency percentiles from exact per-request timings."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "records.json"
+        env = {
+            **os.environ,
+            "FLEXENS_LOAD_IMAGES": str(images_file),
+            "FLEXENS_LOAD_RATE": str(rate / users if rate else 0),
+            "FLEXENS_LOAD_MAX": str(args.max_requests),
+            "FLEXENS_LOAD_OUT": str(out),
+        }
+        command = [
+            sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks/serve_locustfile.py"),
+            "--headless", "--host", url, "-u", str(users), "-r", str(users),
+            "-t", f"{round(args.seconds)}s", "--only-summary", "--loglevel", "WARNING",
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=args.seconds + 60
+        )
+        if not out.is_file():
+            raise RuntimeError(
+                f"locust wrote no records:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
+        records = json.loads(out.read_text())
+    return summarise(records, rate)
+
+
+def summarise(records: list, offered: float) -> dict:
+    start = np.array([r[0] for r in records])
+    latency = np.array([r[1] for r in records])
+    ok = np.array([r[2] == 200 for r in records])
+    end = start + latency / 1e3
+    span = max(end.max() - start.min(), 1e-9)
+    points: dict[str, int] = {}
+    for r in records:
+        points[r[5]] = points.get(r[5], 0) + 1
+    return {
+        "offered_rps": offered,
+        "requests": len(records),
+        "errors": int((~ok).sum()),
+        "throughput_rps": float(ok.sum() / span),
+        "p50_ms": float(np.percentile(latency[ok], 50)),
+        "p99_ms": float(np.percentile(latency[ok], 99)),
+        "accuracy": float(np.mean([r[3] for r in records if r[2] == 200])),
+        "avg_members": float(np.mean([r[4] for r in records if r[2] == 200])),
+        "points": points,
+    }
+
+
+def in_process_latency(args: argparse.Namespace, images: list[tuple[str, str]]) -> float:
+    """Median ms of ``FlexibleEnsembleModule`` at batch 1 on the decoded images."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from flexens.ensemble import FlexibleEnsembleModule
+    from flexens.images import decode_image
+    from flexens.inference import load_calibrated_members
+
+    torch.set_num_threads(1)
+    members, calibration = load_calibrated_members(args.thresholds, args.members_dir)
+    module = FlexibleEnsembleModule(
+        [m.network for m in members], calibration.thresholds, calibration.criterion
+    ).eval()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("serve", overrides=[f"data={args.data}"])
+    transform = instantiate(cfg.data).image_transform()
+    chans = members[0].arch.get("in_chans", 3)
+    xs = [decode_image(Path(p).read_bytes(), chans, transform, 1 << 24) for p, _ in images]
+    times = []
+    with torch.inference_mode():
+        for i, x in enumerate(xs[:20] + xs):
+            start = time.perf_counter()
+            module(x[None])
+            if i >= 20:
+                times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def server_latency(url: str, images: list[tuple[str, str]]) -> float:
+    """Median ms of one request at a time through the server (keep-alive client)."""
+    bodies = [Path(p).read_bytes() for p, _ in images]
+    times = []
+    with httpx.Client(timeout=30) as client:
+        for i, body in enumerate(bodies[:20] + bodies):
+            start = time.perf_counter()
+            client.post(f"{url}/predict", content=body).raise_for_status()
+            if i >= 20:
+                times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def concurrency_sweep(args, images_file: Path, images) -> dict:
+    results: dict = {}
+    for mode in ("full", "flexible"):
+        with Server(args, f"serve.mode={mode}") as server:
+            if mode == "flexible":
+                results["server_batch1_ms"] = server_latency(server.url, images)
+            for users in CONCURRENCY:
+                results[f"{mode}@{users}"] = run_locust(server.url, images_file, users, 0, args)
+                print(mode, users, results[f"{mode}@{users}"], flush=True)
+    results["inprocess_batch1_ms"] = in_process_latency(args, images)
+    return results
+
+
+def load_ramp(args, images_file: Path, capacity: float, slo_ms: float) -> dict:
+    modes = {
+        "full": ["serve.mode=full"],
+        "flexible": [],
+        "flexible+slo": [f"serve.slo_ms={slo_ms:g}"],
+    }
+    ramp: dict = {}
+    for name, overrides in modes.items():
+        with Server(args, *overrides) as server:
+            ramp[name] = []
+            for factor in RAMP:
+                level = run_locust(server.url, images_file, RAMP_USERS, factor * capacity, args)
+                ramp[name].append(level)
+                print(name, factor, level, flush=True)
+            if name == "flexible+slo":
+                ramp["slo_log"] = [
+                    line for line in server.output().splitlines() if line.startswith("slo")
+                ]
+    return ramp
+
+
+def plot(ramp: dict, capacity: float, slo_ms: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
+    for name in ("full", "flexible", "flexible+slo"):
+        offered = [lvl["offered_rps"] for lvl in ramp[name]]
+        top.plot(offered, [lvl["p99_ms"] for lvl in ramp[name]], marker="o", label=name)
+        bottom.plot(offered, [100 * lvl["accuracy"] for lvl in ramp[name]], marker="o", label=name)
+    top.axhline(slo_ms, color="grey", linestyle="--", label=f"SLO {slo_ms:g} ms")
+    top.set_yscale("log")
+    top.set_ylabel("p99 latency (ms)")
+    top.legend()
+    bottom.set_ylabel("top-1 accuracy (%)")
+    bottom.set_xlabel(f"offered load (requests/s; full's capacity {capacity:.0f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ramp_table(ramp: dict, capacity: float) -> list[str]:
+    names = ("full", "flexible", "flexible+slo")
+    rows = [
+        "| offered req/s | " + " | ".join(f"{n} p99 ms (acc)" for n in names) + " |",
+        "|---|---|---|---|",
+    ]
+    for i, factor in enumerate(RAMP):
+        cells = [
+            f"{ramp[n][i]['p99_ms']:.0f} ({100 * ramp[n][i]['accuracy']:.1f} %)" for n in names
+        ]
+        rows.append(f"| {factor * capacity:.0f} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def section(results: dict, ramp: dict, capacity: float, slo_ms: float, machine: str) -> str:
+    rows = [
+        "| mode | concurrency | req/s | p50 ms | p99 ms | members | accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("full", "flexible"):
+        for users in CONCURRENCY:
+            r = results[f"{mode}@{users}"]
+            rows.append(
+                f"| {mode} | {users} | {r['throughput_rps']:.0f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r['avg_members']:.2f} | {100 * r['accuracy']:.1f} % |"
+            )
+    full8, flex8 = results["full@8"], results["flexible@8"]
+    gain = flex8["throughput_rps"] / full8["throughput_rps"]
+    p99_ratio = flex8["p99_ms"] / full8["p99_ms"]
+    overhead = results["server_batch1_ms"] - results["inprocess_batch1_ms"]
+    ramp_rows = ramp_table(ramp, capacity)
+    verdict = slo_verdict(ramp, capacity, slo_ms)
+    lines = [
+        f"Machine: {machine}; one run, `python benchmarks/serve_load.py --update-docs`. Server: "
+        "`serve.py` with 1 torch thread per worker, loopback; load: locust (headless) on the "
+        "same machine, same test images for every mode.",
+        "",
+        *rows,
+        "",
+        f"At concurrency 8 flexible serves **{gain:.2f}×** full's throughput (target ≥ 2.5×: "
+        f"{'met' if gain >= 2.5 else 'not met'}) at **{p99_ratio:.2f}×** its p99 (target ≤ 0.5×: "
+        f"{'met' if p99_ratio <= 0.5 else 'not met'}).",
+        "",
+        f"Server overhead at batch 1: {results['server_batch1_ms']:.2f} ms median per request "
+        f"through HTTP (keep-alive client, one at a time) vs {results['inprocess_batch1_ms']:.2f} ms "
+        f"for `FlexibleEnsembleModule` in-process on the same decoded images: "
+        f"**{overhead:+.2f} ms** (target ≤ 1.5 ms: {'met' if overhead <= 1.5 else 'not met'}; "
+        "the server's figure includes image decoding and the client's own time).",
+        "",
+        f"Load ramp (open loop, {RAMP_USERS} locust users at a constant total rate; SLO "
+        f"{slo_ms:g} ms):",
+        "",
+        *ramp_rows,
+        "",
+        verdict,
+        "",
+        "SLO mode's operating points and its switches in this run:",
+        "",
+        "```",
+        *ramp.get("slo_log", []),
+        "```",
+        "",
+        "![p99 and accuracy vs offered load](benchmarks/results/serve_load.png)",
+    ]
+    return "\n".join(lines)
+
+
+def slo_verdict(ramp: dict, capacity: float, slo_ms: float) -> str:
+    past = [i for i, lvl in enumerate(ramp["full"]) if lvl["p99_ms"] >= 2 * slo_ms]
+    if not past:
+        return "Full's p99 never passed 2 × SLO on this ramp: the SLO target was not tested."
+    i = past[0]
+    slo, full = ramp["flexible+slo"][i], ramp["full"][i]
+    met = "met" if slo["p99_ms"] <= slo_ms else "not met"
+    return (
+        f"At {RAMP[i] * capacity:.0f} req/s full's p99 is {full['p99_ms']:.0f} ms (≥ 2 × SLO); "
+        f"flexible with SLO mode keeps **{slo['p99_ms']:.1f} ms** (target ≤ {slo_ms:g} ms: {met}) "
+        f"at {100 * slo['accuracy']:.1f} % accuracy vs full's {100 * full['accuracy']:.1f} % on "
+        f"these images, serving {slo['points']}."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    load_before = os.getloadavg()[1]
+    results_dir = ROOT / "benchmarks/results"
+    with tempfile.TemporaryDirectory() as tmp:
+        images = labelled_images(args.data, args.images, Path(tmp))
+        images_file = Path(tmp) / "images.json"
+        images_file.write_text(json.dumps(images))
+        results = concurrency_sweep(args, images_file, images)
+        capacity = results["full@32"]["throughput_rps"]
+        slo_ms = args.slo_ms or round(4 * results["full@1"]["p50_ms"])
+        ramp = load_ramp(args, images_file, capacity, slo_ms)
+    info = machine_info()
+    load = f"{load_before:.1f} before, {os.getloadavg()[1]:.1f} after"
+    machine = (
+        f"{info['device']}, {info['cpu_count']}-core CPU VM shared with other jobs "
+        f"(5-minute load average {load})"
+    )
+    write_json(
+        results_dir / "serve_load.json",
+        {
+            "machine": machine,
+            "slo_ms": slo_ms,
+            "capacity_full_rps": capacity,
+            **results,
+            "ramp": ramp,
+        },
+    )
+    plot(ramp, capacity, slo_ms, results_dir / "serve_load.png")
+    text = section(results, ramp, capacity, slo_ms, machine)
+    if args.update_docs:
+        replace_marked_section(ROOT / "BENCHMARKS.md", "serve_load", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

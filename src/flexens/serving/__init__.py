@@ -1,0 +1,1 @@
+"""Serving the ensemble over HTTP (``serve.py``)."""

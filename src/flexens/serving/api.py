@@ -1,0 +1,149 @@
+"""The inference worker: a LitServe ``LitAPI`` that runs each dynamic batch through halting.
+
+A batch may mix requests served at different operating points. It runs once, through
+``FlexibleEnsembleModule`` with a ``(B, N-1)`` tensor of per-sample thresholds: each sample
+halts at the first stage where *its own* thresholds say stop, exactly as it would alone
+(:func:`flexens.ensemble.run_flexible` compares each row as it compares a shared set).
+Grouping by operating point would run one sub-batch per point, so a batch of B requests
+at B points would lose batching altogether; running the batch to the strictest point and
+answering each at its own stage would run every member the strictest request needs on
+every sample. Per-sample thresholds cost one gather per stage and neither.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from queue import Empty, Queue
+
+import litserve as ls
+import torch
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+
+from flexens.ensemble import FlexibleEnsembleModule
+
+POLL_S = 0.05
+"""How long the worker blocks on an empty queue before looking again (no busy waiting)."""
+
+
+class DrainingLoop(BatchedLoop):
+    """Dynamic batching that never makes a lone request wait.
+
+    LitServe's batched loop holds every batch open for ``batch_timeout``, even a batch of
+    one on an idle server, so that delay is paid by every request; with ``batch_timeout=0``
+    it polls an empty queue in a busy loop instead, taking a core. This loop blocks for the
+    first request, then takes whatever else is already queued (up to ``max_batch_size``),
+    waiting at most ``batch_timeout`` more to fill it. Under load, requests pile up while a
+    batch computes, so batches grow exactly when there is load to batch.
+    """
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Queue, transport):
+        try:
+            items = [request_queue.get(timeout=POLL_S)]
+        except Empty:
+            return [], []
+        deadline = time.monotonic() + lit_api.batch_timeout
+        while len(items) < lit_api.max_batch_size:
+            try:
+                items.append(request_queue.get_nowait())
+            except Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append(request_queue.get(timeout=remaining))
+                except Empty:
+                    break
+        return self._sort(lit_api, items)
+
+    @staticmethod
+    def _sort(lit_api: ls.LitAPI, items: list) -> tuple[list, list]:
+        """Payloads to run, and requests that waited past LitServer's ``timeout`` (504)."""
+        payloads, timed_out = [], []
+        expires = lit_api.request_timeout not in (-1, False, None)
+        for item in items:
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            response_queue_id, uid, timestamp, payload = item
+            if expires and time.monotonic() - timestamp > lit_api.request_timeout:
+                timed_out.append((response_queue_id, uid))
+            else:
+                payloads.append((response_queue_id, uid, payload))
+        return payloads, timed_out
+
+
+class EnsembleAPI(ls.LitAPI):
+    """Holds only paths and settings until :meth:`setup` (it is pickled into the worker)."""
+
+    def __init__(
+        self,
+        thresholds: Path,
+        members_dir: Path,
+        mode: str,
+        threads: int | None,
+        max_batch_size: int,
+        batch_timeout: float,
+    ) -> None:
+        super().__init__(
+            max_batch_size=max_batch_size, batch_timeout=batch_timeout, loop=DrainingLoop()
+        )
+        self.thresholds_path, self.members_dir = thresholds, members_dir
+        self.mode, self.threads = mode, threads
+
+    def setup(self, device) -> None:
+        from flexens.inference import load_calibrated_members
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        members, calibration = load_calibrated_members(
+            self.thresholds_path, self.members_dir, "serve.thresholds"
+        )
+        self.device = torch.device(device)
+        self.module = (
+            FlexibleEnsembleModule(
+                [m.network for m in members],
+                calibration.thresholds,
+                calibration.criterion,
+                mode=self.mode,
+            )
+            .to(self.device)
+            .eval()
+        )
+        self.class_names = list(members[0].meta["class_names"])
+
+    def decode_request(self, request: dict) -> tuple[torch.Tensor, list[float] | None, str]:
+        """The gate's payload: a decoded image, its thresholds, the name of its point."""
+        raw = bytearray(base64.b64decode(request["x"]))
+        x = torch.frombuffer(raw, dtype=torch.float32).reshape(request["shape"])
+        return x, request["thresholds"], request["point"]
+
+    def batch(self, inputs: list) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        xs, thresholds, points = zip(*inputs, strict=True)
+        limits = None if self.mode == "full" else torch.tensor(thresholds, dtype=torch.float64)
+        return torch.stack(xs), limits, list(points)
+
+    def predict(self, batch) -> list[dict]:
+        x, limits, points = batch
+        with torch.inference_mode():
+            out = self.module(x.to(self.device), thresholds=limits)
+            confidence = out.probs.amax(dim=1).cpu().tolist()
+            prediction = out.prediction.cpu().tolist()
+            exits = out.exit_stage.cpu().tolist()
+        return [
+            {
+                "class_name": self.class_names[p],
+                "class_index": p,
+                "confidence": round(c, 6),
+                "members_used": e + 1,
+                "operating_point": point,
+            }
+            for p, c, e, point in zip(prediction, confidence, exits, points, strict=True)
+        ]
+
+    def unbatch(self, output: list[dict]) -> list[dict]:
+        return output
+
+    def encode_response(self, output: dict) -> dict:
+        return output

@@ -1,0 +1,238 @@
+"""The HTTP side of ``POST /predict``: refuse bad requests, decode images, pick thresholds.
+
+An ASGI middleware in front of LitServe's route, running in the HTTP process. Why here
+and not in ``LitAPI.decode_request``: LitServe decodes a whole dynamic batch in the
+inference worker and answers *every* request of the batch with the error when one decode
+raises, so one truncated upload would fail its innocent neighbours. Refusing at the gate
+keeps bad requests out of batches altogether, answers them with a 4xx and a one-line
+``detail`` without waking the worker, and overlaps image decoding (HTTP process) with the
+members' compute (worker process) on a small machine. The worker receives only decoded
+tensors and the thresholds each request is served at.
+
+The gate also serves ``GET /metrics``, times every request for the metrics and SLO mode,
+and applies SLO mode's choice to requests that ask for no operating point of their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable
+from urllib.parse import parse_qsl
+
+import torch
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from flexens.images import ImageRejected, ImageTooLarge
+from flexens.serving.metrics import ServeMetrics
+from flexens.serving.points import SETTINGS, RequestRejected, ServedPoint, ServingFront
+from flexens.serving.slo import SloController, SloPolicy
+
+HOW = 'send an image file\'s bytes, or JSON {"image": "<base64>"}'
+
+
+def parse_query(query: bytes) -> dict[str, str]:
+    """Operating-point settings from the query string (``?max_drop=0.02``)."""
+    asked: dict[str, str] = {}
+    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key not in SETTINGS:
+            raise RequestRejected(
+                400, f"unknown query parameter {key[:40]!r}; use {', '.join(SETTINGS)}"
+            )
+        if key in asked:
+            raise RequestRejected(400, f"query parameter {key} given twice")
+        asked[key] = value
+    return asked
+
+
+def parse_request(body: bytes, content_type: str, query: bytes) -> tuple[bytes, dict]:
+    """The image bytes and the asked-for operating point of a raw or JSON request."""
+    asked: dict = parse_query(query)
+    if not body:
+        raise RequestRejected(400, f"empty body; {HOW}")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        return body, asked
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestRejected(400, f"body is not valid JSON ({error}); {HOW}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("image"), str):
+        raise RequestRejected(400, f"a JSON body must be an object with an image field; {HOW}")
+    unknown = sorted(set(data) - {"image", *SETTINGS})
+    if unknown:
+        raise RequestRejected(400, f"unknown field(s) {unknown}; use image, {', '.join(SETTINGS)}")
+    try:
+        image = base64.b64decode(data["image"], validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestRejected(400, "the image field is not valid base64") from None
+    for key in SETTINGS:
+        if key in data:
+            if isinstance(data[key], bool | dict | list) or data[key] is None:
+                raise RequestRejected(422, f"{key} must be a number, got {json.dumps(data[key])}")
+            asked[key] = data[key]
+    return image, asked
+
+
+async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
+    """The whole body, refused with a 413 as soon as it is known to exceed ``limit``."""
+    too_large = RequestRejected(413, f"body larger than the server's limit of {limit:,} bytes")
+    headers = dict(scope["headers"])
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestRejected(400, "client disconnected before sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def reply(send: Callable, status: int, body: bytes, content_type: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGate:
+    """ASGI middleware: ``POST /predict`` checks and decoding, ``GET /metrics``, SLO mode."""
+
+    def __init__(
+        self,
+        app,
+        *,
+        front: ServingFront,
+        decode: Callable[[bytes], torch.Tensor],
+        max_body_bytes: int,
+        num_members: int,
+        ladder: list[ServedPoint] | None = None,
+        slo_policy: SloPolicy | None = None,
+        path: str = "/predict",
+    ) -> None:
+        self.app, self.front, self.decode, self.path = app, front, decode, path
+        self.max_body_bytes = max_body_bytes
+        self.ladder = ladder or [front.default]
+        self.controller = SloController(slo_policy) if slo_policy is not None else None
+        self.metrics = ServeMetrics(num_members)
+        self.metrics.set_point(self.ladder[0].name, self.ladder[0].expected_ms)
+        self.in_flight = 0
+
+    def current_point(self) -> ServedPoint:
+        return self.ladder[self.controller.level] if self.controller else self.front.default
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/metrics" and scope["method"] == "GET":
+            body = self.metrics.exposition()
+            return await reply(send, 200, body, CONTENT_TYPE_LATEST.encode())
+        if scope["path"] != self.path or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+        try:
+            status, members = await self._predict(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.set(self.in_flight)
+        elapsed = time.perf_counter() - start
+        self.metrics.requests.labels(status=str(status)).inc()
+        if 400 <= status < 500:
+            self.metrics.rejected.labels(status=str(status)).inc()
+        if status == 200:
+            self.metrics.latency.observe(elapsed)
+            self.metrics.members_used.observe(members)
+            self._observe_slo(elapsed * 1e3)
+
+    async def _predict(self, scope, receive, send) -> tuple[int, int]:
+        """Answer one prediction request; returns its status and the members it used."""
+        try:
+            body = await read_body(scope, receive, self.max_body_bytes)
+            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            image, asked = parse_request(body, content_type, scope.get("query_string", b""))
+            point = self.front.resolve(asked) or self.current_point()
+            x = self.decode(image)
+        except RequestRejected as error:
+            return await self._refuse(send, error.status, error.reason), 0
+        except ImageTooLarge as error:
+            return await self._refuse(send, 413, str(error)), 0
+        except ImageRejected as error:
+            return await self._refuse(send, 400, str(error)), 0
+        x = x.to(torch.float32).contiguous()
+        payload = {
+            "x": base64.b64encode(x.numpy().tobytes()).decode("ascii"),
+            "shape": list(x.shape),
+            "thresholds": None if point.thresholds is None else list(point.thresholds),
+            "point": point.name,
+        }
+        return await self._forward(scope, receive, send, json.dumps(payload).encode())
+
+    async def _refuse(self, send, status: int, reason: str) -> int:
+        body = json.dumps({"detail": " ".join(reason.split())}).encode()
+        await reply(send, status, body, b"application/json")
+        return status
+
+    async def _forward(self, scope, receive, send, body: bytes) -> tuple[int, int]:
+        """Hand the decoded request to LitServe's route; pass its answer on unchanged."""
+        headers = [
+            (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
+        ]
+        headers += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        sent = False
+
+        async def receive_once():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        messages: list[dict] = []
+
+        async def capture(message):
+            messages.append(message)
+
+        await self.app({**scope, "headers": headers}, receive_once, capture)
+        status = next(m["status"] for m in messages if m["type"] == "http.response.start")
+        members = 0
+        if status == 200:
+            answer = b"".join(
+                m.get("body", b"") for m in messages if m["type"] == "http.response.body"
+            )
+            members = int(json.loads(answer).get("members_used", 0))
+        for message in messages:
+            await send(message)
+        return status, members
+
+    def _observe_slo(self, latency_ms: float) -> None:
+        if self.controller is None:
+            return
+        switch = self.controller.observe(time.monotonic(), latency_ms, self.in_flight)
+        if switch is None:
+            return
+        names = [p.name for p in self.ladder]
+        print(switch.describe(names, self.controller.policy.slo_ms), flush=True)
+        point = self.ladder[switch.to_level]
+        self.metrics.set_point(point.name, point.expected_ms)
+        direction = "faster" if switch.to_level > switch.from_level else "slower"
+        self.metrics.switches.labels(direction=direction).inc()

@@ -1,0 +1,359 @@
+"""serve.py: the real server on a loopback port, per-request operating points, bad requests,
+and the SLO controller on synthetic latency traces."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from conftest import ROOT, run_script
+from flexens.ensemble import run_flexible
+from flexens.halting import get_criterion
+from flexens.serving.slo import SloController, SloPolicy
+
+MEMBERS = "members/digits-small_cnn"
+STARTUP_S = 120
+
+
+# -- batched halting with per-sample thresholds ---------------------------------------------
+def test_a_mixed_batch_answers_every_sample_as_it_would_alone(one_thread):
+    """Per-sample thresholds: sample i of the batch halts where it halts alone with its set.
+
+    Predictions and exit stages are equal; probabilities agree to float rounding only,
+    because a member's matrix product over 64 rows is not bit-identical to one over 1 row
+    (that is true of any batching, shared thresholds included).
+    """
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(6, 5)).eval() for _ in range(4)]
+    x = torch.randn(64, 6)
+    rows = torch.rand(64, 3).to(torch.float64)
+    rows[::4] = torch.tensor([0.83, 0.1, 0.0], dtype=torch.float64)  # a repeated, shared point
+    criterion = get_criterion("margin")
+    with torch.no_grad():
+        mixed = run_flexible(members, x, rows, criterion)
+        for i in range(len(x)):
+            alone = run_flexible(members, x[i : i + 1], rows[i].tolist(), criterion)
+            for key in ("prediction", "exit_stage"):
+                assert torch.equal(getattr(mixed, key)[i], getattr(alone, key)[0]), (key, i)
+            for key in ("confidence", "probs"):
+                got, want = getattr(mixed, key)[i], getattr(alone, key)[0]
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert len(set(mixed.exit_stage.tolist())) == 4  # the rows really halt differently
+
+
+def test_per_sample_thresholds_on_a_value_float32_rounds_up_decide_as_a_shared_set(one_thread):
+    """float32(0.1) > 0.1: a row must compare as the shared Python float does, not in float64."""
+    confidence_at = torch.tensor(np.float32(0.1))
+
+    class Fixed(nn.Module):  # a member whose margin is exactly float32(0.1)
+        def forward(self, x):
+            p = torch.tensor([0.55, 0.45]).expand(x.shape[0], 2)
+            return p.log()
+
+    members = [Fixed(), Fixed()]
+    x = torch.zeros(1, 1)
+    margin = get_criterion("margin")
+    shared = run_flexible(members, x, [0.1], margin)
+    per_row = run_flexible(members, x, torch.tensor([[0.1]], dtype=torch.float64), margin)
+    assert shared.confidence.dtype == confidence_at.dtype
+    assert torch.equal(shared.exit_stage, per_row.exit_stage)
+
+
+# -- SLO controller -------------------------------------------------------------------------
+POLICY = SloPolicy(slo_ms=100.0, costs=(12.0, 6.0, 3.0), window_s=2.0, min_samples=10, hold_s=2.0)
+
+
+def replay(controller: SloController, trace: list[tuple[float, float]]) -> list:
+    return [s for t, lat in trace if (s := controller.observe(t, lat, in_flight=4)) is not None]
+
+
+def steady(start: float, seconds: float, rate: float, latency: float, jitter: float = 0.0):
+    rng = np.random.default_rng(int(start * 10 + latency))
+    times = np.arange(start, start + seconds, 1.0 / rate)
+    return [(float(t), float(latency + jitter * rng.standard_normal())) for t in times]
+
+
+def test_slo_controller_steps_faster_under_load_and_back_when_it_drops():
+    controller = SloController(POLICY)
+    trace = (
+        steady(0, 5, 50, 20)  # quiet: well under the SLO
+        + steady(5, 3, 200, 95)  # a burst: p99 past 0.8 × SLO
+        + steady(8, 3, 200, 90)  # still hot at level 1
+        + steady(11, 10, 50, 10)  # load gone
+    )
+    switches = replay(controller, trace)
+    assert [(s.from_level, s.to_level) for s in switches] == [(0, 1), (1, 2), (2, 1), (1, 0)]
+    up = switches[0]
+    assert 5 < up.at_s < 6 and up.p99_ms > 80 and up.rate_rps > 45 and up.in_flight == 4
+    line = up.describe(["calibrated", "max_drop=0.05", "max_drop=0.1"], 100)
+    assert "calibrated -> max_drop=0.05 (faster)" in line and "req/s" in line
+    assert all(
+        b.at_s - a.at_s >= POLICY.hold_s for a, b in zip(switches, switches[1:], strict=False)
+    )
+    assert controller.level == 0
+
+
+def test_slo_controller_does_not_flap_inside_the_hysteresis_band():
+    controller = SloController(POLICY)
+    switches = replay(controller, steady(0, 0.1, 100, 90))  # one step up...
+    assert [(s.from_level, s.to_level) for s in switches] == [(0, 1)]
+    # ...then p99 around 45 ms at level 1: scaled to level 0's cost (×2) it would be 90 ms,
+    # above step_down_at × SLO = 50 ms, and below step_up_at × SLO = 80 ms: stay.
+    assert replay(controller, steady(2, 30, 100, 40, jitter=2.0)) == []
+    assert controller.level == 1
+
+
+def test_slo_controller_waits_for_enough_samples_and_is_deterministic():
+    few = SloController(POLICY)
+    assert replay(few, [(0.1 * i, 500.0) for i in range(9)]) == []  # 9 < min_samples
+    trace = steady(0, 20, 80, 60, jitter=30.0)
+    first = [s for s in replay(SloController(POLICY), trace)]
+    second = [s for s in replay(SloController(POLICY), trace)]
+    assert first == second
+
+
+def test_slo_policy_refuses_a_ladder_that_does_not_get_faster():
+    with pytest.raises(ValueError, match="cheaper than the one before"):
+        SloPolicy(slo_ms=50, costs=(5.0, 5.0))
+    with pytest.raises(ValueError, match="step_down_at < serve.slo.step_up_at"):
+        SloPolicy(slo_ms=50, costs=(5.0, 2.0), step_up_at=0.5, step_down_at=0.6)
+
+
+# -- the real server --------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def digit_images(folder: Path, count: int = 24) -> list[Path]:
+    """Test digits as image files a user would send: dark ink on white, some enlarged RGB."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = (255 - digits.images[-1 - i] * 16).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels, "L")
+        if i % 3 == 0:
+            image = image.resize((32, 32)).convert("RGB")
+        path = folder / f"digit{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def served(digits_ensemble, tmp_path_factory):
+    """A calibrated digits ensemble served by serve.py on a free loopback port."""
+    out = digits_ensemble
+    if not (out / MEMBERS / "thresholds.json").is_file():
+        run_script("calibrate.py", f"paths.output_dir={out}", "logger=csv")
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**os.environ, "FLEXENS_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "serve.py"),
+                f"paths.output_dir={out}",
+                f"serve.port={port}",
+                "serve.threads=1",
+                "serve.batch_timeout=0.02",
+                "serve.max_body_bytes=200000",
+                "serve.max_pixels=1000000",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+        yield url, out
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve.py exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"serve.py not healthy after {STARTUP_S} s:\n{log.read_text()}")
+
+
+def infer_predictions(out: Path, folder: Path, *overrides: str) -> dict[str, dict]:
+    run_script("infer.py", f"paths.output_dir={out}", "logger=csv", f"input={folder}", *overrides)
+    newest = sorted(out.glob("runs/infer/*"))[-1]
+    rows = csv.DictReader((newest / "predictions.csv").open())
+    return {Path(r["file"]).name: r for r in rows}
+
+
+def post(url: str, path: Path, **params) -> httpx.Response:
+    return httpx.post(f"{url}/predict", content=path.read_bytes(), params=params, timeout=30)
+
+
+def test_served_answers_equal_infer_py_on_the_same_images(served, tmp_path):
+    url, out = served
+    paths = digit_images(tmp_path / "images")
+    expected = infer_predictions(out, tmp_path / "images")
+    with ThreadPoolExecutor(8) as pool:  # concurrent: they arrive as dynamic batches
+        answers = list(pool.map(lambda p: post(url, p), paths))
+    for path, answer in zip(paths, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        got, want = answer.json(), expected[path.name]
+        assert got["class_name"] == want["class_name"], path.name
+        assert got["members_used"] == int(want["members_used"]), path.name
+        assert got["confidence"] == pytest.approx(float(want["confidence"]), abs=2.1e-6)
+        assert got["operating_point"] == "calibrated"
+    # JSON with base64 gives the same answer as raw bytes
+    body = {"image": base64.b64encode(paths[0].read_bytes()).decode()}
+    assert httpx.post(f"{url}/predict", json=body).json() == answers[0].json()
+    assert httpx.get(f"{url}/health").text == "ok"
+
+
+POINTS = [{}, {"max_drop": 0.2}, {"budget_ms": 100}, {"max_drop": 0.001}]
+
+
+def same_answer(a: dict, b: dict) -> bool:
+    """Equal answers; confidences to float rounding (batches of other sizes round differently)."""
+    return {**a, "confidence": None} == {**b, "confidence": None} and abs(
+        a["confidence"] - b["confidence"]
+    ) <= 2e-6
+
+
+def test_each_request_is_served_at_its_own_operating_point(served, tmp_path):
+    """Every image at every point, all at once (batches mix points), then one by one."""
+    url, _ = served
+    paths = digit_images(tmp_path / "images", count=12)
+    asks = [(path, point) for path in paths for point in POINTS]
+    with ThreadPoolExecutor(12) as pool:
+        mixed = list(pool.map(lambda a: post(url, a[0], **a[1]).json(), asks))
+    alone = [post(url, path, **point).json() for path, point in asks]  # batches of one
+    for (path, point), m, a in zip(asks, mixed, alone, strict=True):
+        assert same_answer(m, a), (path.name, point, m, a)
+    served_at = [m["operating_point"] for m in mixed]
+    assert served_at[:4] == ["calibrated", "max_drop=0.2", "budget_ms=100", "max_drop=0.001"]
+    used = np.array([m["members_used"] for m in mixed]).reshape(len(paths), len(POINTS))
+    # a looser certified point halts every image no later, and some earlier
+    assert (used[:, 1] <= used[:, 3]).all() and used[:, 1].sum() < used[:, 3].sum()
+
+
+@pytest.mark.slow
+def test_a_requested_point_equals_infer_py_at_that_operating_point(served, tmp_path):
+    url, out = served
+    paths = digit_images(tmp_path / "images")
+    expected = infer_predictions(out, tmp_path / "images", "infer.operating_point.max_drop=0.2")
+    for path in paths:
+        got, want = post(url, path, max_drop=0.2).json(), expected[path.name]
+        assert got["members_used"] == int(want["members_used"]), path.name
+        assert got["class_name"] == want["class_name"], path.name
+        assert got["confidence"] == pytest.approx(float(want["confidence"]), abs=2.1e-6)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares ``width × height`` pixels: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 100_000)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_every_bad_request_gets_its_4xx_and_the_server_keeps_answering(served, tmp_path):
+    url, _ = served
+    good = digit_images(tmp_path / "images", count=1)[0]
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    whole = buffer.getvalue()
+    bomb = png_declaring(20_000, 20_000)  # would decode to 400 MB
+    bad = {
+        "empty body": (b"", {}, 400, "empty body"),
+        "not an image": (b"hello, world", {}, 400, "not an image: no image format"),
+        "truncated image": (whole[: len(whole) // 2], {}, 400, "not a readable image"),
+        "decompression bomb": (bomb, {}, 413, "too large"),
+        "over the pixel limit": (png_declaring(2000, 2000), {}, 413, "over the limit of 1,000,000"),
+        "oversized body": (b"\0" * 300_000, {}, 413, "larger than the server's limit"),
+        "unknown operating point": (good.read_bytes(), {"speed": "fast"}, 400, "unknown query"),
+        "point outside the limits": (good.read_bytes(), {"max_drop": 0.9}, 422, "outside"),
+        "point not a number": (good.read_bytes(), {"max_drop": "lots"}, 422, "must be a number"),
+    }
+    assert len(bomb) < 200_000  # the body limit does not catch it: the pixel limit must
+    for name, (body, params, status, reason) in bad.items():
+        answer = httpx.post(f"{url}/predict", content=body, params=params, timeout=30)
+        assert answer.status_code == status, (name, answer.text)
+        detail = answer.json()["detail"]
+        assert reason in detail and "\n" not in detail, (name, detail)
+        assert post(url, good).status_code == 200, name
+    bad_json = httpx.post(
+        f"{url}/predict", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["detail"]
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'flexens_rejected_requests_total{status="413"} 3.0' in metrics
+    assert "flexens_request_latency_seconds_bucket" in metrics
+    assert "flexens_operating_point{expected_ms=" in metrics
+    assert "flexens_members_used_bucket" in metrics
+
+
+@pytest.mark.slow
+def test_serve_py_refuses_bad_settings_with_one_line(digits_ensemble):
+    result = run_script(
+        "serve.py", f"paths.output_dir={digits_ensemble}", "serve.host=example.com", check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: serve.host must be one of")
+    missing = run_script("serve.py", "serve.thresholds=/nonexistent/thresholds.json", check=False)
+    assert missing.returncode == 2 and "serve.thresholds=" in missing.stderr
+
+
+def test_server_json_shape(served, tmp_path):
+    url, _ = served
+    answer = post(url, digit_images(tmp_path / "images", count=1)[0]).json()
+    assert set(answer) == {
+        "class_name",
+        "class_index",
+        "confidence",
+        "members_used",
+        "operating_point",
+    }
+    assert json.loads(httpx.get(f"{url}/info").text)["model"]["ensemble"] == "digits-small_cnn"

@@ -142,3 +142,31 @@ def test_configurations_are_reported_with_the_thread_count_they_ran_at(one_threa
         assert figures["threads_batch1"] == figures["threads_batched"] == 1
         assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
         assert figures["latency_mean_ms"] > 0 and figures["throughput_img_s"] > 0
+
+
+BAD_PROFILES = {
+    "not-json": (lambda p: "[1, 2", "is not readable JSON"),
+    "old-format": (lambda p: {**p, "format": None}, "has format None"),
+    "nan-cost": (
+        lambda p: {**p, "members": [{**p["members"][0], "batch1_ms": float("nan")}]},
+        "must hold finite numbers",
+    ),
+    "zero-cost": (
+        lambda p: {**p, "members": [{**p["members"][0], "batched_ms_per_image": 0.0}]},
+        "has a cost <= 0",
+    ),
+    "member-without-hash": (lambda p: {**p, "members": [{"batch1_ms": 1.0}]}, "is malformed"),
+}
+
+
+@pytest.mark.parametrize("damage", BAD_PROFILES, ids=list(BAD_PROFILES))
+def test_every_bad_profile_file_is_one_line_naming_it(profile, tmp_path, damage):
+    edit, match = BAD_PROFILES[damage]
+    bad = edit(public(profile))
+    path = tmp_path / "latency_profile-cpu.json"
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    with pytest.raises(ValueError) as info:
+        read_profile(path)
+    message = str(info.value)
+    assert match in message and str(path) in message and "\n" not in message, message
+    assert "delete it to measure again" in message

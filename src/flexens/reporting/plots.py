@@ -31,8 +31,13 @@ _MARKER_KW = {"markersize": 5, "linewidth": 1.5}
 
 
 def _new_axes(xlabel: str, ylabel: str, title: str | None) -> tuple[Figure, Axes]:
-    """One figure, one axes, shared look (size, grid, labels), so all report plots match."""
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    """One figure, one axes, shared look (size, grid, labels), so all report plots match.
+
+    Fixed margins instead of constrained layout: the legend sits inside the axes, and
+    solving the layout was the largest part of drawing a plot, which a λ sweep does per job.
+    """
+    fig = Figure(figsize=(6.4, 4.4))
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.91)
     ax = fig.add_subplot()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -168,6 +168,20 @@ def load_images(
     return LoadedImages(tensors=stacked, paths=loaded, failures=failures)
 
 
+def read_images(
+    source: str | Path, in_chans: int, transform: Callable[[Image.Image], torch.Tensor]
+) -> LoadedImages:
+    """What ``input=`` (or ``calibrate.unlabelled=``) names, loaded: each unreadable file is
+    reported on one line and skipped; none readable is a one-line error."""
+    paths = find_images(source)
+    loaded = load_images(paths, in_chans, transform)
+    for path, reason in loaded.failures:
+        print(f"skipped {path}: {reason}")
+    if not loaded.paths:
+        raise ValueError(f"none of the {len(paths)} image(s) under {str(source)!r} could be read")
+    return loaded
+
+
 def _open(source: Path | io.BytesIO, in_chans: int, max_pixels: int | None = None) -> Image.Image:
     """Decode one image into the model's mode; refuse more than ``max_pixels`` from the header."""
     with Image.open(source) as opened:

@@ -30,7 +30,7 @@ from flexens.calibration.risk import pick_certified
 from flexens.calibration.schema import Calibration, read_thresholds
 from flexens.ensemble import MODES, EnsembleOutput, FlexibleEnsembleModule
 from flexens.fused import FusedMembers, can_fuse
-from flexens.images import find_images, load_images
+from flexens.images import read_images
 from flexens.latency import (
     device_name,
     expected_throughput,
@@ -439,12 +439,7 @@ def predict_images(
 ) -> dict:
     """``out`` (predictions.csv) for unlabelled images; unreadable files are reported and
     skipped."""
-    paths = find_images(source)
-    loaded = load_images(paths, members[0].arch.get("in_chans", 3), datamodule.image_transform())
-    for path, reason in loaded.failures:
-        print(f"skipped {path}: {reason}")
-    if not loaded.paths:
-        raise ValueError(f"none of the {len(paths)} image(s) under {str(source)!r} could be read")
+    loaded = read_images(source, members[0].arch.get("in_chans", 3), datamodule.image_transform())
     device = next(module.parameters()).device
     with torch.inference_mode():
         cat = EnsembleOutput.cat(

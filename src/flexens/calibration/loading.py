@@ -27,7 +27,7 @@ from flexens.calibration.settings import CalibrateSettings
 from flexens.calibration.simulate import StageTable
 from flexens.data.base import EnsembleDataModule
 from flexens.halting import get_criterion
-from flexens.images import find_images, load_images
+from flexens.images import read_images
 from flexens.latency import latency_profile, profile_problems, quick_check, stage_costs_ms
 from flexens.members.registry import Member, load_ensemble
 
@@ -215,12 +215,7 @@ def unlabelled_probs(
     stage is "wrong" exactly where it disagrees with the full ensemble, which is the loss
     ``calibrate.risk=disagreement`` certifies.
     """
-    paths = find_images(folder)
-    loaded = load_images(paths, members[0].arch.get("in_chans", 3), datamodule.image_transform())
-    for path, reason in loaded.failures:
-        print(f"skipped {path}: {reason}")
-    if not loaded.paths:
-        raise ValueError(f"none of the {len(paths)} image(s) under {str(folder)!r} could be read")
+    loaded = read_images(folder, members[0].arch.get("in_chans", 3), datamodule.image_transform())
     stats = [(p, p.stat()) for p in loaded.paths]
     files = [(str(p), st.st_size, st.st_mtime_ns) for p, st in stats]
     dataset = TensorDataset(loaded.tensors, torch.zeros(len(loaded.paths), dtype=torch.long))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,6 @@ from flexens.latency import (
 )
 from flexens.members.registry import Member, load_member
 from flexens.reporting.loggers import log_table
-
-log = logging.getLogger(__name__)
 
 GAP_WARNING = 0.15
 """Flag measured latency or throughput that differs from the latency model's by more."""

@@ -6,7 +6,6 @@ a :class:`SweepMemo`); :mod:`flexens.tasks.calibrate` composes them from the con
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from flexens.calibration.simulate import Outcome, StageTable
 from flexens.memo import SweepMemo
 from flexens.reporting import plots
 from flexens.reporting.loggers import log_images, log_table
-
-log = logging.getLogger(__name__)
 
 LAMBDA_LADDER = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
 """λ values traced for the accuracy-vs-latency curve and to widen the Pareto front."""

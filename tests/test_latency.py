@@ -56,7 +56,9 @@ def test_a_profile_records_how_it_was_measured(profile, tmp_path):
     path = tmp_path / "latency_profile-cpu.json"
     path.write_text(json.dumps(public(profile)))
     assert read_profile(path)["threads"] == profile["threads"]
-    assert profile_problems(profile, CPU, 4, [3, 8, 8]) == []
+    # Only whether the twins agree depends on how busy the machine was.
+    problems = profile_problems(profile, CPU, 4, [3, 8, 8])
+    assert [p for p in problems if "twins" not in p] == []
 
 
 def test_the_thread_count_with_the_cheapest_ensemble_is_chosen_per_batch_size():
@@ -71,7 +73,9 @@ def test_the_thread_count_with_the_cheapest_ensemble_is_chosen_per_batch_size():
 def test_an_injected_outlier_is_detected(profile):
     assert outliers([0.25, 0.26, 1.73, 0.24, 0.25], ["x"] * 5, 0.25) == [2]
     assert outliers([0.25, 1.73], ["x", "y"], 0.25) == []  # different architectures
-    noisy = {**profile, "members": [dict(m) for m in profile["members"]]}
+    # Twins timed alike (a shared CI machine may not time them alike), then one made slow.
+    twin = {"batch1_ms": 0.05, "batched_ms_per_image": 0.02}
+    noisy = {**profile, "members": [{**m, **twin} for m in profile["members"]]}
     noisy["members"][1]["batched_ms_per_image"] *= 7
     (problem,) = profile_problems(noisy, CPU, 4, [3, 8, 8])
     assert "member 1's batched_ms_per_image disagrees" in problem

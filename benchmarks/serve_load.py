@@ -20,6 +20,7 @@ thresholds.json ``python calibrate.py experiment=cifar10`` writes next to them.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import subprocess
@@ -85,12 +86,15 @@ def labelled_images(data: str, count: int, folder: Path) -> list[tuple[str, str]
 
 
 class Server:
-    """``serve.py`` in a subprocess on the loopback interface, stopped on exit."""
+    """``serve.py`` in a subprocess on the loopback interface, stopped on exit (or, with
+    ``command``, another server on ``args.port``)."""
 
-    def __init__(self, args: argparse.Namespace, *overrides: str) -> None:
+    def __init__(
+        self, args: argparse.Namespace, *overrides: str, command: list[str] | None = None
+    ) -> None:
         self.url = f"http://127.0.0.1:{args.port}"
         self.log = Path(tempfile.mkdtemp()) / "server.log"
-        command = [
+        command = command or [
             sys.executable,
             str(ROOT / "serve.py"),
             f"data={args.data}",
@@ -213,9 +217,25 @@ def in_process_latency(args: argparse.Namespace, images: list[tuple[str, str]]) 
 
 def server_latency(url: str, images: list[tuple[str, str]]) -> float:
     """Median ms of one request at a time through the server (keep-alive client)."""
-    bodies = [Path(p).read_bytes() for p, _ in images]
+    return round_trip_ms(url, [Path(p).read_bytes() for p, _ in images])
+
+
+def litserve_floor(args: argparse.Namespace, images: list[tuple[str, str]]) -> float:
+    """Median ms per request of ``serve_echo.py`` (LitServe alone), posting each image as
+    the JSON a LitServe API reads (``{"image": "<base64>"}``), one at a time."""
+    command = [sys.executable, str(ROOT / "benchmarks/serve_echo.py"), str(args.port)]
+    bodies = [
+        json.dumps({"image": base64.b64encode(Path(p).read_bytes()).decode()}).encode()
+        for p, _ in images
+    ]
+    with Server(args, command=command) as server:
+        return round_trip_ms(server.url, bodies, {"content-type": "application/json"})
+
+
+def round_trip_ms(url: str, bodies: list[bytes], headers: dict | None = None) -> float:
+    """Median ms of posting each body, one at a time, after 20 untimed ones."""
     times = []
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers=headers) as client:
         for i, body in enumerate(bodies[:20] + bodies):
             start = time.perf_counter()
             client.post(f"{url}/predict", content=body).raise_for_status()
@@ -234,6 +254,7 @@ def concurrency_sweep(args, images_file: Path, images) -> dict:
                 results[f"{mode}@{users}"] = run_locust(server.url, images_file, users, 0, args)
                 print(mode, users, results[f"{mode}@{users}"], flush=True)
     results["inprocess_batch1_ms"] = in_process_latency(args, images)
+    results["litserve_floor_ms"] = litserve_floor(args, images)
     return results
 
 
@@ -327,7 +348,11 @@ def section(results: dict, ramp: dict, capacity: float, slo_ms: float, machine: 
         f"through HTTP (keep-alive client, one at a time) vs {results['inprocess_batch1_ms']:.2f} ms "
         f"for `FlexibleEnsembleModule` in-process on the same decoded images: "
         f"**{overhead:+.2f} ms** (target ≤ 1.5 ms: {'met' if overhead <= 1.5 else 'not met'}; "
-        "the server's figure includes image decoding and the client's own time).",
+        "the server's figure includes image decoding and the client's own time). "
+        f"LitServe alone (`benchmarks/serve_echo.py`: the same loop, transport and client, an "
+        f"API that answers at once) takes {results['litserve_floor_ms']:.2f} ms per request, "
+        f"so {overhead - results['litserve_floor_ms']:+.2f} ms of the overhead is flexens' own "
+        "(the gate, image decoding, the payload to the worker).",
         "",
         f"Load ramp (open loop, {RAMP_USERS} locust users at a constant total rate; SLO "
         f"{slo_ms:g} ms):",

@@ -18,6 +18,7 @@ from flexens.latency import (
     best_fuse_from,
     best_threads,
     expected_latency_ms,
+    expected_throughput,
     latency_profile,
     measure_configurations,
     outliers,
@@ -50,6 +51,8 @@ def public(profile: dict) -> dict:
 def test_a_profile_records_how_it_was_measured(profile, tmp_path):
     assert profile["threads"] == {"batch1": 1, "batched": 1}
     assert profile["thread_candidates"] == [1] and profile["batch_size"] == 4
+    assert profile["curve_batch_sizes"] == [1, 4]
+    assert all(len(m["curve_ms_per_image"]) == 2 for m in profile["members"])
     assert profile["input_shape"] == [3, 8, 8] and profile["device_type"] == "cpu"
     assert len({m["arch"] for m in profile["members"]}) == 1
     assert len(profile["fused_batch1_ms"]) == 2  # members 0.. and 1.. fused
@@ -99,6 +102,21 @@ def test_an_old_stored_profile_is_measured_again_with_a_note(profile, tmp_path, 
     assert "written by an older flexens" in capsys.readouterr().out
     with pytest.raises(ValueError, match="has format None"):  # a given one: a one-line error
         stored_profile(path, members, CPU, profile["_example"], 4, check=None)
+
+
+def test_throughput_prices_each_stage_at_the_size_of_its_sub_batch():
+    member = {"batch1_ms": 2.0, "batched_ms_per_image": 0.5, "curve_ms_per_image": [2.0, 0.4, 0.5]}
+    profile = {"batch_size": 256, "curve_batch_sizes": [1, 64, 256], "members": [member] * 2}
+    # all 256 samples run member 1 (0.5 ms each), 64 of them member 2 (0.4 ms each)
+    assert expected_throughput(profile, np.array([1.0, 0.25])) == pytest.approx(
+        1e3 * 256 / (256 * 0.5 + 64 * 0.4)
+    )
+    # between recorded sizes the per-image cost is interpolated in log batch size
+    at_128 = 1e3 * 256 / (256 * 0.5 + 128 * 0.45)
+    assert expected_throughput(profile, np.array([1.0, 0.5])) == pytest.approx(at_128)
+    # a profile from before the curve prices every sample at the serving batch's cost
+    flat = {"members": [{"batched_ms_per_image": 0.5}] * 2, "batch_size": 256}
+    assert expected_throughput(flat, np.array([1.0, 0.25])) == pytest.approx(1e3 / 0.625)
 
 
 def test_fused_continuation_prices_every_exit_as_it_runs():
@@ -160,6 +178,14 @@ BAD_PROFILES = {
         "has a cost <= 0",
     ),
     "member-without-hash": (lambda p: {**p, "members": [{"batch1_ms": 1.0}]}, "is malformed"),
+    "short-curve": (
+        lambda p: {**p, "members": [{**p["members"][0], "curve_ms_per_image": [1.0]}]},
+        "must list one cost per curve_batch_sizes entry",
+    ),
+    "unsorted-curve-sizes": (
+        lambda p: {**p, "curve_batch_sizes": [4, 1]},
+        "curve_batch_sizes must be increasing",
+    ),
 }
 
 

@@ -62,6 +62,7 @@ def test_train_calibrate_infer(digits_ensemble):
     for mode in ("flexible", "full", "full_fused"):
         for key in ("accuracy", "avg_members", "latency_mean_ms", "throughput_img_s"):
             assert metrics[mode][key] > 0
+        assert metrics[mode]["expected_latency_ms"] > 0  # the fused baseline too
         assert metrics[mode]["latency_p50_ms"] <= metrics[mode]["latency_p99_ms"]
         assert metrics[mode]["threads_batch1"] >= 1 and metrics[mode]["threads_batched"] >= 1
     baseline = metrics["baseline"]

@@ -32,6 +32,7 @@ from flexens.fused import FusedMembers, can_fuse
 from flexens.images import read_images
 from flexens.latency import (
     device_name,
+    expected_latency_ms,
     expected_throughput,
     measure_configurations,
     reach_fractions,
@@ -297,6 +298,10 @@ def evaluate(
         "full": calibration.full.expected_latency_ms,
         "flexible": point.expected_latency_ms,
     }
+    profile = calibration.latency_profile
+    if profile and profile.get("fused_batch1_ms"):  # every member fused: stage 0 runs them all
+        everyone = np.ones(len(profile["members"]))
+        expected[FUSED_FULL] = expected_latency_ms(profile, everyone, fuse_from=0)
     results, per_sample, sizes = compare_modes(
         settings, module, datamodule, device, expected, calibration.latency_profile
     )
@@ -467,6 +472,10 @@ def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
     write_text(path, buffer.getvalue())
 
 
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def print_table(results: dict, baseline: dict | None = None) -> None:
     """Mean batch-1 latency is the headline (the paper's metric); speed-ups are against the
     fastest full ensemble, named below the table."""
@@ -480,7 +489,7 @@ def print_table(results: dict, baseline: dict | None = None) -> None:
             f"{lat:>8.3f} {r['latency_p50_ms']:>7.3f} {r['latency_p90_ms']:>7.3f} "
             f"{r['latency_p99_ms']:>7.3f} {r['throughput_img_s']:>8.1f} "
             f"{r['threads_batch1']:>2}/{r['threads_batched']:<1} "
-            f"{r.get('expected_latency_ms', float('nan')):>9.3f} "
+            f"{fmt_ms(r.get('expected_latency_ms')):>9} "
             f"{r['speedup_latency']:>5.2f}×/{r['speedup_throughput']:.2f}×"
             if lat is not None
             else " " * 8 + "-"

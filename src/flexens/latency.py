@@ -5,8 +5,10 @@ member's batch-1 latency plus the metareasoner's own per-stage cost (averaging a
 criterion). That model is only as good as the ``t_k`` it is fed, and wall clocks on a shared
 machine drift and spike. So every figure here comes from one timer (:func:`timed_call`),
 contenders are timed *interleaved* in rounds (a slow phase hits all of them alike), the
-statistic is the median over rounds, and repeats stop as soon as that median is stable or
-the time budget is spent. Members of one architecture do the same arithmetic, so their
+statistic is the mean over rounds without the calls that took more than
+:data:`SPIKE_FACTOR` × the median (the mean is what the model predicts and what the
+headline reports; a call that slow is a descheduled process, not the member's cost), and
+repeats stop as soon as that mean is stable or the time budget is spent. Members of one architecture do the same arithmetic, so their
 costs must agree: one that does not is measured again, and replaced by its twins' median
 with a warning if it still disagrees. Thread count changes a small network's cost by 2× on
 a CPU, so it is chosen per batch size and recorded with the device, the batch size and the
@@ -36,6 +38,8 @@ from flexens.halting import Criterion, running_mean
 OUTLIER_TOLERANCE = 0.25
 """Members of one architecture whose costs differ from their twins' median by more than
 this fraction are measured again (then replaced by that median, with a warning)."""
+SPIKE_FACTOR = 3.0
+"""Calls slower than this many times their median are left out of a profile's means."""
 QUICK_CHECK_TOLERANCE = 0.50
 """A stored profile whose batch-1 ensemble cost is further than this from a quick
 re-measurement is stale."""
@@ -143,25 +147,35 @@ def interleaved(
     return {name: np.array(t) for name, t in times.items()}
 
 
+def without_spikes(times: Sequence[float]) -> np.ndarray:
+    """The calls that took at most :data:`SPIKE_FACTOR` × the median."""
+    times = np.asarray(times, dtype=float)
+    return times[times <= SPIKE_FACTOR * float(np.median(times))]
+
+
+def robust_mean(times: Sequence[float]) -> float:
+    """Mean seconds per call without spikes: the profile's statistic."""
+    return float(without_spikes(times).mean())
+
+
 def relative_error(times: np.ndarray) -> float:
-    """Standard error of the median relative to the median (normal approximation, MAD as a
-    robust spread): the stopping rule of :func:`adaptive_interleaved`."""
-    if len(times) < 2:
+    """Standard error of :func:`robust_mean` relative to it: the stopping rule of
+    :func:`adaptive_interleaved`."""
+    kept = without_spikes(times) if len(times) else np.empty(0)
+    if len(kept) < 2:
         return float("inf")
-    median = float(np.median(times))
-    mad = 1.4826 * float(np.median(np.abs(times - median)))
-    return 1.2533 * mad / np.sqrt(len(times)) / max(median, 1e-12)
+    return float(kept.std(ddof=1) / np.sqrt(len(kept)) / max(kept.mean(), 1e-12))
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How long a measurement may take: rounds stop when every contender's median is
+    """How long a measurement may take: rounds stop when every contender's mean is
     within ``rel_error`` (see :func:`relative_error`) or ``seconds`` are spent."""
 
     seconds: float = 4.0
-    rel_error: float = 0.05
-    min_rounds: int = 3
-    max_rounds: int = 200
+    rel_error: float = 0.03
+    min_rounds: int = 10
+    max_rounds: int = 400
 
 
 def adaptive_interleaved(
@@ -171,7 +185,7 @@ def adaptive_interleaved(
     label: str = "",
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """:func:`interleaved` one round at a time until the medians are stable or one more
+    """:func:`interleaved` one round at a time until the means are stable or one more
     round would overrun the budget (at least one round is always timed), with a progress
     line on stderr (twice a second)."""
     times = {name: np.empty(0) for name in fns}
@@ -264,14 +278,14 @@ def member_costs(
     budget: Budget,
     label: str,
 ) -> tuple[np.ndarray, list[dict]]:
-    """Median ms per image of each member on ``x``, interleaved; disagreeing twins are
+    """Mean ms per image of each member on ``x`` (:func:`robust_mean`), interleaved; disagreeing twins are
     measured again, then replaced by their twins' median with a warning."""
     archs = [architecture_id(n) for n in networks]
     fns = {str(i): (lambda net=net: net(x)) for i, net in enumerate(networks)}
 
     def measure(seed: int) -> np.ndarray:
         times = adaptive_interleaved(fns, device, budget, label, seed=seed)
-        return np.array([np.median(times[str(i)]) * 1e3 / len(x) for i in range(len(fns))])
+        return np.array([robust_mean(times[str(i)]) * 1e3 / len(x) for i in range(len(fns))])
 
     costs = measure(0)
     if outliers(costs, archs, OUTLIER_TOLERANCE):
@@ -295,7 +309,17 @@ def fused_suffix_ms(
     """Batch-1 ms of running members ``k..N-1`` fused, for ``k = 0..N-2``."""
     fns = {str(k): (lambda k=k: fused(one, k)) for k in range(fused.num_members - 1)}
     times = adaptive_interleaved(fns, device, budget, "fused members, batch 1")
-    return [float(np.median(times[str(k)]) * 1e3) for k in range(fused.num_members - 1)]
+    return [robust_mean(times[str(k)]) * 1e3 for k in range(fused.num_members - 1)]
+
+
+def curve_batch_sizes(batch_size: int) -> list[int]:
+    """Batch sizes whose per-image cost the profile records besides 1 and the serving batch.
+
+    Halting shrinks the batch stage by stage: at a serving batch of 256, later members see
+    tens of samples, and per-image cost at those sizes is not the serving batch's (caches,
+    thread scaling). The model interpolates between these points.
+    """
+    return sorted({s for s in (batch_size // 16, batch_size // 4) if 1 < s < batch_size})
 
 
 def profile_at_threads(
@@ -305,15 +329,29 @@ def profile_at_threads(
     device: torch.device,
     budget: Budget,
 ) -> dict:
-    """Members at batch 1 and at the serving batch (and fused suffixes at batch 1), at the
-    current thread count."""
+    """Members at batch 1, at the serving batch and at the sizes of
+    :func:`curve_batch_sizes` (and fused suffixes at batch 1), at the current thread count."""
     threads = torch.get_num_threads()
+
+    def batch_of(size: int) -> torch.Tensor:
+        return example[:1].expand(size, *example.shape[1:]).contiguous().to(device)
+
     one = example[:1].to(device)
-    batch = example[:1].expand(batch_size, *example.shape[1:]).contiguous().to(device)
     b1, replaced1 = member_costs(networks, one, device, budget, f"batch 1, {threads} thr")
     bb, replaced_b = member_costs(
-        networks, batch, device, budget, f"batch {batch_size}, {threads} thr"
+        networks, batch_of(batch_size), device, budget, f"batch {batch_size}, {threads} thr"
     )
+    sizes = curve_batch_sizes(batch_size)
+    curve = [
+        member_costs(
+            networks,
+            batch_of(size),
+            device,
+            Budget(seconds=budget.seconds / len(sizes)),
+            f"batch {size}, {threads} thr",
+        )
+        for size in sizes
+    ]
     fused = (
         fused_suffix_ms(FusedMembers(networks).to(device), one, device, budget)
         if can_fuse(networks)
@@ -322,15 +360,16 @@ def profile_at_threads(
     return {
         "batch1_ms": b1.tolist(),
         "batched_ms_per_image": bb.tolist(),
+        "curve_ms_per_image": [costs.tolist() for costs, _ in curve],
         "fused_batch1_ms": fused,
-        "replaced": replaced1 + replaced_b,
+        "replaced": replaced1 + replaced_b + [r for _, replaced in curve for r in replaced],
     }
 
 
 def profile_overhead(
     criterion: Criterion, num_classes: int, device: torch.device, repeats: int = 200
 ) -> float:
-    """Median ms at batch 1 of one stage's bookkeeping: softmax, running mean, criterion."""
+    """Mean ms at batch 1 of one stage's bookkeeping: softmax, running mean, criterion."""
     logits = torch.randn(1, num_classes, device=device)
     prob_sum = torch.zeros(1, num_classes, device=device)
 
@@ -339,7 +378,7 @@ def profile_overhead(
         conf = criterion(running_mean(prob_sum + probs, 2))
         return bool(conf > 0.5)  # the real loop syncs once per stage too
 
-    return float(np.median(time_calls(stage, device, 20, repeats)) * 1e3)
+    return robust_mean(time_calls(stage, device, 20, repeats)) * 1e3
 
 
 def best_threads(by_threads: dict[str, dict], key: str) -> str:
@@ -364,7 +403,7 @@ def latency_profile(
     start = time.perf_counter()
     networks = [n.to(device).eval() for n in networks]
     candidates = list(threads or thread_candidates(device))
-    budget = Budget(seconds=seconds / (3 * len(candidates)))
+    budget = Budget(seconds=seconds / (4 * len(candidates)))
     by_threads = {}
     for threads in candidates:
         with num_threads(threads):
@@ -373,14 +412,18 @@ def latency_profile(
             )
     best = {key: best_threads(by_threads, key) for key in ("batch1_ms", "batched_ms_per_image")}
     archs = [architecture_id(n) for n in networks]
+    batched = by_threads[best["batched_ms_per_image"]]
     members = [
         {
             "sha256": h,
             "arch": archs[i],
             "batch1_ms": by_threads[best["batch1_ms"]]["batch1_ms"][i],
-            "batched_ms_per_image": by_threads[best["batched_ms_per_image"]][
-                "batched_ms_per_image"
-            ][i],
+            "batched_ms_per_image": batched["batched_ms_per_image"][i],
+            "curve_ms_per_image": [
+                batched["batch1_ms"][i],
+                *(costs[i] for costs in batched["curve_ms_per_image"]),
+                batched["batched_ms_per_image"][i],
+            ],
         }
         for i, h in enumerate(member_hashes)
     ]
@@ -394,8 +437,9 @@ def latency_profile(
         "thread_candidates": candidates,
         "threads": {"batch1": int(best["batch1_ms"]), "batched": int(best["batched_ms_per_image"])},
         "batch_size": batch_size,
+        "curve_batch_sizes": [1, *curve_batch_sizes(batch_size), batch_size],
         "input_shape": list(example.shape[1:]),
-        "statistic": "median of interleaved rounds",
+        "statistic": f"mean of interleaved rounds, calls over {SPIKE_FACTOR:g}x the median left out",
         "members": members,
         "fused_batch1_ms": by_threads[best["batch1_ms"]]["fused_batch1_ms"],
         "by_threads": by_threads,
@@ -435,10 +479,27 @@ def expected_latency_ms(profile: dict, reach: np.ndarray, fuse_from: int | None 
     return float(np.dot(reach, stage_costs_ms(profile, fuse_from)))
 
 
+def stage_batch_ms(member: dict, sizes: Sequence[int] | None, samples: float) -> float:
+    """Ms for one member to run ``samples`` samples in one batch: per-image cost
+    interpolated (in log batch size) on the member's recorded curve; a profile without a
+    curve (older flexens) prices every sample at the serving batch's cost."""
+    curve = member.get("curve_ms_per_image")
+    if not sizes or not curve:
+        return float(samples * member["batched_ms_per_image"])
+    per_image = np.interp(np.log(max(samples, 1.0)), np.log(sizes), curve)
+    return samples * float(per_image)
+
+
 def expected_throughput(profile: dict, reach: np.ndarray) -> float:
-    """Images/s at the serving batch: each member runs on the samples that reach it."""
-    batched = np.array([m["batched_ms_per_image"] for m in profile["members"]])
-    return 1e3 / float(np.dot(reach, batched))
+    """Images/s at the serving batch ``B``: member ``k`` runs once per batch on the
+    ``P(reach k)·B`` samples that reach it, at that sub-batch's per-image cost."""
+    batch = profile.get("batch_size") or 1
+    sizes = profile.get("curve_batch_sizes")
+    ms = sum(
+        stage_batch_ms(member, sizes, r * batch)
+        for member, r in zip(profile["members"], reach, strict=True)
+    )
+    return float(1e3 * batch / ms)
 
 
 def best_fuse_from(profile: dict, reach: np.ndarray) -> int | None:
@@ -494,7 +555,7 @@ def quick_check(
     fns = {str(i): (lambda net=net: net(one)) for i, net in enumerate(networks)}
     with num_threads(profile["threads"]["batch1"]):
         times = adaptive_interleaved(fns, device, Budget(seconds=seconds, rel_error=0.05))
-    measured = sum(float(np.median(t)) * 1e3 for t in times.values())
+    measured = sum(robust_mean(t) * 1e3 for t in times.values())
     stored = sum(m["batch1_ms"] for m in profile["members"])
     if abs(measured / stored - 1.0) <= QUICK_CHECK_TOLERANCE:
         return None

@@ -17,7 +17,7 @@ THRESHOLDS_FORMAT = "flexens-thresholds-v3"
 """v3: front points name their latency `expected_latency_ms` like every summary (v2: `latency_ms`)."""
 RECALIBRATE = "recalibrate: python calibrate.py"
 PROFILE_FIX = "delete it to measure again (or drop calibrate.latency_profile)"
-PROFILE_FORMAT = "flexens-latency-profile-v2"
+PROFILE_FORMAT = "flexens-latency-profile-v3"
 """Written by :func:`flexens.latency.latency_profile` (which imports it from here)."""
 
 
@@ -102,17 +102,29 @@ def validate_profile(data: dict, path: Path) -> dict:
     if data.get("format") != PROFILE_FORMAT:
         raise ValueError(
             f"{what} {str(path)!r} has format {data.get('format')!r}, this flexens reads "
-            f"{PROFILE_FORMAT!r} (it records threads and fused costs); {fix}"
+            f"{PROFILE_FORMAT!r} (it records threads, fused costs and per-image cost by batch size); {fix}"
         )
     threads = _field(data, "threads", dict, path, what, fix)
     for key in ("batch1", "batched"):
         _field(threads, key, int, path, f"{what} (threads)", fix)
     members = _field(data, "members", list, path, what, fix)
     _finite_numbers([data.get("overhead_ms")], "overhead_ms", path, what, fix)
+    sizes = _field(data, "curve_batch_sizes", list, path, what, fix)
+    if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes) or sizes != sorted(sizes):
+        raise ValueError(
+            f"{what} {str(path)!r}: curve_batch_sizes must be increasing batch sizes >= 1, "
+            f"got {str(sizes)[:80]}; {fix}"
+        )
     for i, member in enumerate(members):
         if not isinstance(member, dict) or not isinstance(member.get("sha256"), str):
             raise ValueError(f"{what} {str(path)!r}: members[{i}] is malformed; {fix}")
-        costs = [member.get("batch1_ms"), member.get("batched_ms_per_image")]
+        curve = member.get("curve_ms_per_image")
+        if not isinstance(curve, list) or len(curve) != len(sizes):
+            raise ValueError(
+                f"{what} {str(path)!r}: members[{i}].curve_ms_per_image must list one cost per "
+                f"curve_batch_sizes entry ({len(sizes)}); {fix}"
+            )
+        costs = [member.get("batch1_ms"), member.get("batched_ms_per_image"), *curve]
         _finite_numbers(costs, f"members[{i}] costs", path, what, fix)
         if min(costs) <= 0:
             raise ValueError(f"{what} {str(path)!r}: members[{i}] has a cost <= 0; {fix}")

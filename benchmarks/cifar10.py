@@ -366,6 +366,7 @@ def run(args) -> dict:
         rounds=args.rounds,
         threads=profile["threads"],
         explore=[f"full ensemble k={len(members)}", FUSED_NAME],
+        every_thread_count_at_batch1=True,
     )
     full_name = f"full ensemble k={len(members)}"
 
@@ -475,10 +476,11 @@ def markdown(result: dict, command: str, elapsed_s: float) -> str:
         f"run, training command {result['train_command_s'] / 60:.1f} min of it).",
         "",
         f"Test split: {result['test_samples']} images; top-1 and average members over all of it. "
-        f"Timing interleaves all configurations in {result['rounds']} rounds; the two full "
-        "ensembles (sequential and fused) are timed at 1 and 2 threads and reported at their "
-        "best, the others at the thread count the latency profile chose (`thr`: batch 1 / "
-        "serving batch). The "
+        f"Timing interleaves all configurations in {result['rounds']} rounds, each thread "
+        "count tried in the same rounds; at batch 1 every configuration is timed at 1 and 2 "
+        "threads and reported at its best, at the serving batch the two full ensembles "
+        "(sequential and fused) too and the others at the thread count the latency profile "
+        "chose (`thr`: batch 1 / serving batch). The "
         f"headline is the **mean** ms per image at batch size 1 over {result['latency_images']} "
         f"test images (p50/p90/p99 beside it), throughput images/s at batch size "
         f"{result['batch_size']} over {result['throughput_images']} test images. Speed-ups are "

@@ -60,3 +60,26 @@ def test_fused_continuation_gives_the_sequential_answers(one_thread, fuse_from):
 def test_fused_continuation_checks_where_it_starts():
     with pytest.raises(ValueError, match="fuse_from must be in 1..2"):
         FlexibleEnsembleModule(networks(), fuse_from=3)
+
+
+def test_infer_fuse_from_auto_follows_the_calibration_for_its_own_thresholds():
+    from types import SimpleNamespace
+
+    from flexens.inference import InferSettings, OperatingPoint, resolve_fuse_from
+
+    calibration = SimpleNamespace(thresholds=(0.3, 0.4, 0.5), fuse_from=2)
+    calibrated = OperatingPoint([0.3, 0.4, 0.5], "calibrated", 1.0, {})
+    other = OperatingPoint([0.1, 0.1, 0.1], "max_drop=0.05", 0.8, {})
+    auto = InferSettings(thresholds="t.json")
+    assert auto.fuse_from == "auto"
+    assert resolve_fuse_from(auto, calibration, calibrated) == 2
+    assert resolve_fuse_from(auto, calibration, other) is None  # nobody priced fusing there
+    full = InferSettings(thresholds="t.json", mode="full")
+    assert resolve_fuse_from(full, calibration, calibrated) is None
+    forced = InferSettings(thresholds="t.json", fuse_from=1)
+    assert resolve_fuse_from(forced, calibration, other) == 1
+    off = InferSettings(thresholds="t.json", fuse_from=None)
+    assert resolve_fuse_from(off, calibration, calibrated) is None
+    for bad in (0, "sometimes", True):
+        with pytest.raises(ValueError, match="infer.fuse_from must be auto, null or a stage"):
+            InferSettings(thresholds="t.json", fuse_from=bad)

@@ -527,6 +527,14 @@ BAD_THRESHOLDS = {
         lambda d: {**d, "calibration": {"num_samples": 3}},
         "field 'flexible' must be dict",
     ),
+    "fuse-from-past-the-members": (
+        lambda d: {**d, "members": d["members"] * 3, "thresholds": [0.5, 0.5], "fuse_from": 2},
+        "fuse_from must be null or a stage in 1..1, got 2",
+    ),
+    "fuse-from-a-string": (
+        lambda d: {**d, "members": d["members"] * 3, "thresholds": [0.5, 0.5], "fuse_from": "1"},
+        "fuse_from must be null or a stage in 1..1",
+    ),
 }
 
 
@@ -546,3 +554,14 @@ def test_every_bad_thresholds_file_is_one_line_naming_it(tmp_path: Path, damage)
     message = str(info.value)
     assert match in message and str(path) in message and "recalibrate" in message, message
     assert "\n" not in message
+
+
+def test_a_model_name_other_than_the_arch_is_said_to_be_only_a_label(tmp_path, capsys):
+    out = train_member(config("train", tmp_path, *TINY, "model.name=not_a_model"))
+    note = (
+        "note: model.name=not_a_model only names the ensemble (digits-not_a_model); "
+        "the network is model.arch=small_cnn"
+    )
+    assert note in capsys.readouterr().out
+    assert out.parent.name == "digits-not_a_model"
+    assert load_member(out).arch["arch"] == "small_cnn"

@@ -42,6 +42,8 @@ def test_train_calibrate_infer(digits_ensemble):
     line = "certified: accuracy loss ≤ 5.00 pp with 90% confidence (n = 674, fixed-sequence"
     assert line in result.stdout
     assert [m["seed"] for m in thresholds["members"]] == [0, 1, 2]
+    assert thresholds["fuse_from"] in (None, 1)  # priced for the chosen thresholds
+    assert "fused continuation:" in result.stdout
     cal = thresholds["calibration"]
     assert cal["flexible"]["avg_members"] < 3 and cal["oracle"]["avg_members"] < 3
     assert thresholds["pareto_front"] and thresholds["calibration"]["lambda_curve"]

@@ -78,7 +78,7 @@ class InferSettings:
     throughput_images: int = 4096
     warmup: int = 10
     channels_last: bool = False
-    fuse_from: int | None = None
+    fuse_from: int | str | None = "auto"
     operating_point: OperatingPointRequest = field(default_factory=OperatingPointRequest)
 
     def __post_init__(self) -> None:
@@ -92,6 +92,11 @@ class InferSettings:
             raise ValueError(
                 f"unknown mode {self.mode!r}; use one of {', '.join(MODES)} (infer.mode=...)"
             )
+        fuse = self.fuse_from
+        if fuse not in (None, "auto") and (
+            isinstance(fuse, bool) or not isinstance(fuse, int) or fuse < 1
+        ):
+            raise ValueError(f"infer.fuse_from must be auto, null or a stage >= 1, got {fuse!r}")
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,16 @@ def measure_latency(
     threads = (profile or {}).get("threads")
     explore = ["full", FUSED_FULL]  # the baseline at every thread count, the rest as profiled
     return measure_configurations(
-        fns, singles, stream, batch_size, device, rounds, warmup, threads, explore
+        fns,
+        singles,
+        stream,
+        batch_size,
+        device,
+        rounds,
+        warmup,
+        threads,
+        explore,
+        every_thread_count_at_batch1=True,
     )
 
 
@@ -266,12 +280,25 @@ def accuracy_summary(out: EnsembleOutput, num_members: int) -> dict:
     }
 
 
+def resolve_fuse_from(
+    settings: InferSettings, calibration: Calibration, point: OperatingPoint
+) -> int | None:
+    """``infer.fuse_from``: ``auto`` follows the calibration's choice for its own
+    thresholds (another operating point runs one by one: nobody priced fusing for it)."""
+    if settings.fuse_from != "auto":
+        return settings.fuse_from
+    if settings.mode != "flexible" or list(point.thresholds) != list(calibration.thresholds):
+        return None
+    return calibration.fuse_from
+
+
 def build_module(
     members: list[Member],
     criterion: str,
     point: OperatingPoint,
     settings: InferSettings,
     device: torch.device,
+    fuse_from: int | None = None,
 ) -> FlexibleEnsembleModule:
     module = FlexibleEnsembleModule(
         [m.network for m in members],
@@ -280,7 +307,7 @@ def build_module(
         mode=settings.mode,
         first_k=settings.first_k,
         channels_last=settings.channels_last,
-        fuse_from=settings.fuse_from,
+        fuse_from=fuse_from,
     )
     return module.to(device).eval()
 
@@ -375,7 +402,7 @@ def compare_modes(
         results[name].update(timing)
     baseline = fastest_full(results)
     for name in timings:
-        add_expectations(name, results[name], expected, profile, baseline)
+        add_expectations(name, results[name], expected, profile, baseline, module.fuse_from)
     sizes = {
         "test_samples": len(test),
         "latency_images": n_single,
@@ -387,7 +414,12 @@ def compare_modes(
 
 
 def add_expectations(
-    mode: str, result: dict, expected: dict, profile: dict | None, baseline: dict
+    mode: str,
+    result: dict,
+    expected: dict,
+    profile: dict | None,
+    baseline: dict,
+    fuse_from: int | None = None,
 ) -> None:
     """Speed-ups against the fastest full ensemble, and the latency model's predictions
     next to what was measured (a warning when they are far apart)."""
@@ -400,6 +432,9 @@ def add_expectations(
         exits = np.repeat(np.arange(len(result["exit_histogram"])), result["exit_histogram"])
         reach = reach_fractions(exits, len(result["exit_histogram"]))
         result["expected_throughput_img_s"] = expected_throughput(profile, reach)
+        if mode == "flexible" and fuse_from is not None:  # the calibration priced one by one
+            result["expected_latency_ms"] = expected_latency_ms(profile, reach, fuse_from)
+            result["latency_gap"] = result["latency_mean_ms"] / result["expected_latency_ms"] - 1
         result["throughput_gap"] = (
             result["throughput_img_s"] / result["expected_throughput_img_s"] - 1.0
         )

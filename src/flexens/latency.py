@@ -600,15 +600,19 @@ def measure_configurations(
     warmup: int = 10,
     threads: dict[str, int] | None = None,
     explore: Sequence[str] | None = None,
+    every_thread_count_at_batch1: bool = False,
 ) -> dict[str, dict]:
     """Batch-1 latency (mean, p50/p90/p99) and serving-batch throughput of each
     configuration, interleaved, reported at its best thread count for each batch size
     (recorded as ``threads_batch1``/``threads_batched``).
 
-    ``threads`` (``{"batch1": t, "batched": t}``, the latency profile's choice) times the
-    configurations not named in ``explore`` at that count only: the baselines are tried at
-    every candidate count, the rest where the model says they run best, which halves the
-    cost of a long table.
+    Every (configuration, thread count) pair runs in the same rounds, so a slow phase of a
+    shared machine hits every thread count alike. ``threads`` (``{"batch1": t, "batched":
+    t}``, the latency profile's choice) times the configurations not named in ``explore`` at
+    that count only: the baselines are tried at every candidate count, the rest where the
+    model says they run best, which halves the cost of a long table.
+    ``every_thread_count_at_batch1`` tries every count for every configuration at batch 1,
+    where a small network's best count is least stable.
     """
     singles, stream = singles.to(device), stream.to(device)
     ones, batches = list(singles.split(1)), list(stream.split(batch_size))
@@ -616,20 +620,20 @@ def measure_configurations(
     if threads is None or explore is None or not set(threads.values()) <= set(candidates):
         threads, explore = {"batch1": 0, "batched": 0}, list(fns)
     times: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    for t in candidates:
-        for kind, inputs, r, w in (
-            ("batch1", ones, rounds, warmup),
-            ("batched", batches, rounds, 1),
-        ):
-            names = [n for n in fns if n in explore or t == threads[kind]]
-            if not names:
-                continue
-            with num_threads(t):
-                measured = time_rounds(
-                    {n: fns[n] for n in names}, inputs, device, min(r, len(inputs)), w
-                )
-            for n, v in measured.items():
-                times.setdefault((n, kind), {})[t] = v
+    for kind, inputs, r, w in (("batch1", ones, rounds, warmup), ("batched", batches, rounds, 1)):
+        everywhere = set(explore) | (
+            set(fns) if kind == "batch1" and every_thread_count_at_batch1 else set()
+        )
+        pairs = {
+            (n, t): _at_threads(fns[n], t)
+            for t in candidates
+            for n in fns
+            if n in everywhere or t == threads[kind]
+        }
+        with num_threads(torch.get_num_threads()):  # restored after the rounds
+            measured = time_rounds(pairs, inputs, device, min(r, len(inputs)), w)
+        for (n, t), v in measured.items():
+            times.setdefault((n, kind), {})[t] = v
     results = {}
     for name in fns:
         one, batched = times[(name, "batch1")], times[(name, "batched")]
@@ -642,3 +646,13 @@ def measure_configurations(
             "threads_batched": tb,
         }
     return results
+
+
+def _at_threads(fn: Callable[[torch.Tensor], object], threads: int) -> Callable:
+    """``fn`` run with ``threads`` intra-op threads (set inside the timed call: a few µs)."""
+
+    def run(x: torch.Tensor) -> object:
+        torch.set_num_threads(threads)
+        return fn(x)
+
+    return run

@@ -26,6 +26,7 @@ from flexens.calibration.schema import THRESHOLDS_FORMAT
 from flexens.calibration.search import ThresholdSearch, make_grid
 from flexens.calibration.settings import CalibrateSettings
 from flexens.calibration.simulate import Outcome, StageTable
+from flexens.latency import best_fuse_from, reach_fractions
 from flexens.memo import SweepMemo
 from flexens.reporting import plots
 from flexens.reporting.loggers import log_images, log_table
@@ -217,6 +218,7 @@ def build_report(
         },
         "lam": objective.lam,
         "thresholds": chosen["thresholds"],
+        "fuse_from": recommended_fuse_from(inputs, chosen["thresholds"]),
         "certificate": chosen["certificate"],
         "search": {**chosen["search"], "grid_step": float(settings.grid_step)},
         "calibration": {
@@ -310,6 +312,18 @@ def make_plots(run: Path, table: StageTable, report: dict, memo: SweepMemo) -> d
     return images
 
 
+def recommended_fuse_from(inputs: CalibrationInputs, thresholds) -> int | None:
+    """Where fused continuation makes the chosen thresholds' expected batch-1 latency lowest
+    on the calibration split (None: one by one is as cheap, or the members cannot fuse).
+
+    The threshold search prices members one by one; fusing changes no answer, only the
+    cost of the samples that reach stage ``fuse_from``, so it is decided for the chosen
+    thresholds afterwards and ``infer.fuse_from=auto`` follows it.
+    """
+    exits = inputs.table.exits(thresholds)
+    return best_fuse_from(inputs.profile, reach_fractions(exits, inputs.table.num_members))
+
+
 def print_summary(report: dict, path: Path) -> None:
     cal = report["calibration"]
     print(
@@ -326,5 +340,12 @@ def print_summary(report: dict, path: Path) -> None:
             f"{mode:<12} {s['accuracy']:>9.4f} {s['avg_members']:>8.3f} {s['expected_latency_ms']:>11.3f}"
         )
     print("latency ms: expected from the latency profile (an estimate, not a promise)")
+    fuse_from = report["fuse_from"]
+    print(
+        "fused continuation: one by one is as cheap per the profile (fuse_from null)"
+        if fuse_from is None
+        else f"fused continuation: expected cheaper from stage {fuse_from} (fuse_from {fuse_from}; "
+        "infer.fuse_from=auto uses it)"
+    )
     print(certificate_line(report["certificate"]))
     print(f"thresholds: {path}")

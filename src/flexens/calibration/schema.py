@@ -78,6 +78,16 @@ def validate_thresholds(data: dict, path: Path) -> dict:
             f"{what} {str(path)!r} holds {len(thresholds)} thresholds for {len(members)} "
             f"members; {RECALIBRATE}"
         )
+    fuse_from = data.get("fuse_from")
+    if fuse_from is not None and (
+        isinstance(fuse_from, bool)
+        or not isinstance(fuse_from, int)
+        or not 1 <= fuse_from <= len(members) - 2
+    ):
+        raise ValueError(
+            f"{what} {str(path)!r}: fuse_from must be null or a stage in 1..{len(members) - 2}, "
+            f"got {json.dumps(fuse_from)[:40]}; {RECALIBRATE}"
+        )
     _field(data, "criterion", str, path, what, RECALIBRATE)
     _field(data, "ensemble", str, path, what, RECALIBRATE)
     for key in ("calibration", "latency_profile", "certificate"):
@@ -171,6 +181,8 @@ class Calibration:
     pareto_front: tuple[dict, ...]
     latency_profile: dict | None = None
     """The profile the expected latencies were priced with: infer's latency model."""
+    fuse_from: int | None = None
+    """Where fused continuation is expected to pay for these thresholds (None: nowhere)."""
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> Calibration:
@@ -193,6 +205,7 @@ class Calibration:
             certified_front=tuple(data["certified_front"]),
             pareto_front=tuple(data["pareto_front"]),
             latency_profile=data.get("latency_profile"),
+            fuse_from=data.get("fuse_from"),
         )
 
 

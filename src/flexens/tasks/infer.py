@@ -21,6 +21,7 @@ from flexens.inference import (
     per_sample_rows,
     predict_images,
     print_table,
+    resolve_fuse_from,
     write_csv,
 )
 from flexens.latency import resolve_device
@@ -34,8 +35,11 @@ def infer(cfg: DictConfig) -> dict:
         Path(settings.thresholds), Path(cfg.paths.members_dir)
     )
     point = operating_point(settings.operating_point, calibration)
-    module = build_module(members, calibration.criterion, point, settings, device)
+    fuse_from = resolve_fuse_from(settings, calibration, point)
+    module = build_module(members, calibration.criterion, point, settings, device, fuse_from)
     print(f"thresholds ({point.name}): " + ", ".join(f"{t:.2f}" for t in point.thresholds))
+    if fuse_from is not None:
+        print(f"fused continuation: samples reaching stage {fuse_from} run the rest in one call")
     print(certificate_line(point.certificate))
     datamodule = instantiate(cfg.data)
     run = run_dir(cfg)

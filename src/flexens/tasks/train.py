@@ -246,6 +246,12 @@ def train_member(cfg: DictConfig) -> Path:
     seed = member_seed(cfg.seed)
     out = member_path(cfg.paths.members_dir, seed)
     refuse_untrained(cfg)
+    if cfg.model.name != cfg.model.arch:  # a label is easy to mistake for the architecture
+        print(
+            f"note: model.name={cfg.model.name} only names the ensemble ({cfg.ensemble.name}); "
+            f"the network is model.arch={cfg.model.arch} (pick one with model=<config> or "
+            "model.arch=<timm or torchvision name>)"
+        )
     recipe = training_recipe(cfg)
     if not cfg.train.force and finished_member(out, recipe, seed):
         log.info("member %s already trained; skipping (train.force=true retrains it)", out)

@@ -112,28 +112,44 @@ def expectations(profile: dict, members: list[int], exits: dict, name: str) -> d
     }
 
 
-def same_run_profile(profile: dict, member_timings: list[dict]) -> dict:
-    """The stored profile with each member's cost replaced by its own row in this run.
+def sub_batch_probes(modules: dict, members, sizes: list[int]) -> dict:
+    """Each member row cut to the first ``s`` images of every serving batch: timed in the
+    same rounds, they give this run's per-image cost at the sub-batch sizes halting leaves."""
+    return {
+        f"{name} @ {size}": (lambda x, m=modules[name], size=size: m(x[:size]))
+        for name in (f"member seed={m.seed}" for m in members)
+        for size in sizes
+    }
+
+
+def same_run_profile(
+    profile: dict, members, timings: dict, sizes: list[int], batch_size: int
+) -> dict:
+    """The stored profile with each member's costs replaced by this run's.
 
     A stored profile predicts a later run only as well as the machine keeps its speed, and
     a shared VM does not (single members drift by tens of percent between runs). Fed the
-    members' costs measured in the same interleaved rounds as the configurations, the
-    model's gap is its own error (the exit mix, halting bookkeeping, sub-batch costs), not
-    the machine's drift. A member row runs one stage, bookkeeping included; the per-image
-    cost at other batch sizes keeps the stored curve's shape, scaled to the row's."""
-    members = []
-    for stored, timing in zip(profile["members"], member_timings, strict=True):
-        batched = 1e3 / timing["throughput_img_s"]
-        scale = batched / stored["batched_ms_per_image"]
-        members.append(
+    members' costs measured in the same interleaved rounds as the configurations (their
+    rows, and :func:`sub_batch_probes` for the curve), the model's gap is its own error
+    (the exit mix, halting bookkeeping, sub-batch costs), not the machine's drift. A member
+    row runs one stage, bookkeeping included."""
+    costs = []
+    for stored, member in zip(profile["members"], members, strict=True):
+        name = f"member seed={member.seed}"
+        row = timings[name]
+        batched = 1e3 / row["throughput_img_s"]
+        probes = [
+            1e3 * batch_size / (timings[f"{name} @ {s}"]["throughput_img_s"] * s) for s in sizes
+        ]
+        costs.append(
             {
                 **stored,
-                "batch1_ms": timing["latency_mean_ms"] - profile["overhead_ms"],
+                "batch1_ms": row["latency_mean_ms"] - profile["overhead_ms"],
                 "batched_ms_per_image": batched,
-                "curve_ms_per_image": [c * scale for c in stored.get("curve_ms_per_image", [])],
+                "curve_ms_per_image": [row["latency_mean_ms"], *probes, batched],
             }
         )
-    return {**profile, "members": members}
+    return {**profile, "members": costs, "curve_batch_sizes": [1, *sizes, batch_size]}
 
 
 def same_run_expectations(profile: dict, members: list[int], exits: dict, name: str) -> dict:
@@ -357,8 +373,10 @@ def run(args) -> dict:
         if name != FUSED_NAME
     }
     timed = stream[: args.rounds * args.round_batches * args.batch_size]
+    sizes = profile["curve_batch_sizes"][1:-1]
     timings = measure_configurations(
-        {n: (m if n != FUSED_NAME else m.full) for n, m in modules.items()},
+        {n: (m if n != FUSED_NAME else m.full) for n, m in modules.items()}
+        | sub_batch_probes(modules, members, sizes),
         singles,
         timed,
         args.batch_size,
@@ -376,7 +394,7 @@ def run(args) -> dict:
     full_ref = {"top1": top1(full_name)}
     baseline = fastest_full(timings, (full_name, FUSED_NAME))
     rows, flexible_points, checks = [], {c: [] for c in CRITERIA}, {}
-    this_run = same_run_profile(profile, [timings[f"member seed={m.seed}"] for m in members])
+    this_run = same_run_profile(profile, members, timings, sizes, args.batch_size)
     for name in modules:
         source = full_name if name == FUSED_NAME else name
         exits = outputs[source].exit_stage.numpy()

@@ -233,13 +233,13 @@ def litserve_floor(args: argparse.Namespace, images: list[tuple[str, str]]) -> f
 
 
 def round_trip_ms(url: str, bodies: list[bytes], headers: dict | None = None) -> float:
-    """Median ms of posting each body, one at a time, after 20 untimed ones."""
-    times = []
+    """Median ms of posting each body, one at a time, after up to 20 untimed ones."""
+    times, warmup = [], bodies[:20]
     with httpx.Client(timeout=30, headers=headers) as client:
-        for i, body in enumerate(bodies[:20] + bodies):
+        for i, body in enumerate(warmup + bodies):
             start = time.perf_counter()
             client.post(f"{url}/predict", content=body).raise_for_status()
-            if i >= 20:
+            if i >= len(warmup):
                 times.append(time.perf_counter() - start)
     return float(np.median(times) * 1e3)
 

@@ -178,3 +178,17 @@ def test_a_generated_section_replaces_only_its_own_markers(tmp_path):
         "intro\n<!-- a:begin -->\nnew\n<!-- a:end -->\nprose\n\n<!-- b:begin -->\nadded\n"
         "<!-- b:end -->\n"
     )
+
+
+@pytest.mark.slow
+def test_the_litserve_floor_is_timed_through_the_echo_server(tmp_path, monkeypatch):
+    """serve_load.py's floor: LitServe alone answers real bodies, then stops with its workers."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import serve_load
+
+    args = serve_load.parse_args(["--data", "digits", "--port", "8797"])
+    images = serve_load.labelled_images("digits", 5, tmp_path)
+    floor = serve_load.litserve_floor(args, images)
+    assert 0 < floor < 1000
+    with pytest.raises(serve_load.httpx.TransportError):  # stopped: nothing listens any more
+        serve_load.httpx.get("http://127.0.0.1:8797/health", timeout=2)

@@ -8,11 +8,12 @@ contenders are timed *interleaved* in rounds (a slow phase hits all of them alik
 statistic is the mean over rounds without the calls that took more than
 :data:`SPIKE_FACTOR` × the median (the mean is what the model predicts and what the
 headline reports; a call that slow is a descheduled process, not the member's cost), and
-repeats stop as soon as that mean is stable or the time budget is spent. Members of one architecture do the same arithmetic, so their
-costs must agree: one that does not is measured again, and replaced by its twins' median
-with a warning if it still disagrees. Thread count changes a small network's cost by 2× on
-a CPU, so it is chosen per batch size and recorded with the device, the batch size and the
-torch version; a profile measured under other conditions is stale and measured again.
+repeats stop as soon as that mean is stable or the time budget is spent. Members of one
+architecture do the same arithmetic, so their costs must agree: one that does not is
+measured again, and replaced by its twins' median with a warning if it still disagrees.
+Thread count changes a small network's cost by 2× on a CPU, so it is chosen per batch size
+and recorded with the device, the batch size and the torch version; a profile measured
+under other conditions is stale and measured again.
 """
 
 from __future__ import annotations
@@ -278,8 +279,9 @@ def member_costs(
     budget: Budget,
     label: str,
 ) -> tuple[np.ndarray, list[dict]]:
-    """Mean ms per image of each member on ``x`` (:func:`robust_mean`), interleaved; disagreeing twins are
-    measured again, then replaced by their twins' median with a warning."""
+    """Mean ms per image of each member on ``x`` (:func:`robust_mean`), interleaved;
+    disagreeing twins are measured again, then replaced by their twins' median with a
+    warning."""
     archs = [architecture_id(n) for n in networks]
     fns = {str(i): (lambda net=net: net(x)) for i, net in enumerate(networks)}
 
@@ -439,7 +441,7 @@ def latency_profile(
         "batch_size": batch_size,
         "curve_batch_sizes": [1, *curve_batch_sizes(batch_size), batch_size],
         "input_shape": list(example.shape[1:]),
-        "statistic": f"mean of interleaved rounds, calls over {SPIKE_FACTOR:g}x the median left out",
+        "statistic": f"mean of interleaved rounds without calls over {SPIKE_FACTOR:g}x the median",
         "members": members,
         "fused_batch1_ms": by_threads[best["batch1_ms"]]["fused_batch1_ms"],
         "by_threads": by_threads,

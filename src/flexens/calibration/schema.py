@@ -112,7 +112,8 @@ def validate_profile(data: dict, path: Path) -> dict:
     if data.get("format") != PROFILE_FORMAT:
         raise ValueError(
             f"{what} {str(path)!r} has format {data.get('format')!r}, this flexens reads "
-            f"{PROFILE_FORMAT!r} (it records threads, fused costs and per-image cost by batch size); {fix}"
+            f"{PROFILE_FORMAT!r} (it records threads, fused costs and per-image cost by "
+            f"batch size); {fix}"
         )
     threads = _field(data, "threads", dict, path, what, fix)
     for key in ("batch1", "batched"):

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from flexens.calibration.schema import PROFILE_FORMAT
+from flexens.execution import run_flexible
 from flexens.fused import FusedMembers, architecture_key, can_fuse
-from flexens.halting import Criterion, running_mean
+from flexens.halting import Criterion
 
 OUTLIER_TOLERANCE = 0.25
 """Members of one architecture whose costs differ from their twins' median by more than
@@ -368,19 +369,41 @@ def profile_at_threads(
     }
 
 
+class _FixedLogits(nn.Module):
+    """A member that costs nothing: the same logits for every input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), -1)
+
+
 def profile_overhead(
-    criterion: Criterion, num_classes: int, device: torch.device, repeats: int = 200
+    criterion: Criterion,
+    num_classes: int,
+    num_members: int,
+    device: torch.device,
+    repeats: int = 200,
 ) -> float:
-    """Mean ms at batch 1 of one stage's bookkeeping: softmax, running mean, criterion."""
+    """Mean ms at batch 1 that the halting loop itself adds per stage.
+
+    Timed through :func:`flexens.execution.run_flexible` with members that cost nothing
+    and thresholds no sample passes, so every stage runs its full bookkeeping (softmax,
+    running mean, criterion, the halting decision and its host sync, scattering results
+    back). On a small CPU network that is several percent of a member's cost; the
+    softmax and criterion alone are a fraction of it.
+    """
     logits = torch.randn(1, num_classes, device=device)
-    prob_sum = torch.zeros(1, num_classes, device=device)
-
-    def stage():
-        probs = logits.softmax(dim=-1)
-        conf = criterion(running_mean(prob_sum + probs, 2))
-        return bool(conf > 0.5)  # the real loop syncs once per stage too
-
-    return robust_mean(time_calls(stage, device, 20, repeats)) * 1e3
+    n = max(int(num_members), 2)
+    members = [_FixedLogits(logits) for _ in range(n)]
+    never = [1e9] * (n - 1)
+    one = torch.zeros(1, 1, device=device)
+    seconds = robust_mean(
+        time_calls(lambda: run_flexible(members, one, never, criterion), device, 20, repeats)
+    )
+    return seconds * 1e3 / n
 
 
 def best_threads(by_threads: dict[str, dict], key: str) -> str:
@@ -430,7 +453,7 @@ def latency_profile(
         for i, h in enumerate(member_hashes)
     ]
     with num_threads(int(best["batch1_ms"])):
-        overhead = profile_overhead(criterion, num_classes, device)
+        overhead = profile_overhead(criterion, num_classes, len(networks), device)
     return {
         "format": PROFILE_FORMAT,
         "device": device_name(device),

@@ -507,8 +507,10 @@ def markdown(result: dict, command: str, elapsed_s: float) -> str:
         "model (stored profile: `Σ_k P(reach k)·t_k` over the exits of the timed images at "
         "batch 1; each member at the size of the sub-batch that reaches it at the serving "
         "batch). `gap` is measured over predicted, minus one; `model gap` is the same model "
-        "fed this run's single-member rows instead of the stored profile, which separates the "
-        "model's own error from the machine's drift between profiling and this run.",
+        "fed this run's single-member rows (and, at the serving batch, the members timed on its "
+        "first B/16 and B/4 images in the same rounds) instead of the stored profile, which "
+        "separates the model's own error from the machine's drift between profiling and this "
+        "run.",
         "",
         "| configuration | top-1 % | Δ pp | avg members | mean ms (b=1) | p50 | p90 | p99 "
         "| predicted ms | gap | model gap | speed-up (b=1) "

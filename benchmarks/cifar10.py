@@ -112,12 +112,17 @@ def expectations(profile: dict, members: list[int], exits: dict, name: str) -> d
     }
 
 
+def member_row(member) -> str:
+    """The table row of one member alone (also the key of its timings)."""
+    return f"member seed={member.seed}"
+
+
 def sub_batch_probes(modules: dict, members, sizes: list[int]) -> dict:
     """Each member row cut to the first ``s`` images of every serving batch: timed in the
     same rounds, they give this run's per-image cost at the sub-batch sizes halting leaves."""
     return {
         f"{name} @ {size}": (lambda x, m=modules[name], size=size: m(x[:size]))
-        for name in (f"member seed={m.seed}" for m in members)
+        for name in map(member_row, members)
         for size in sizes
     }
 
@@ -135,7 +140,7 @@ def same_run_profile(
     row runs one stage, bookkeeping included."""
     costs = []
     for stored, member in zip(profile["members"], members, strict=True):
-        name = f"member seed={member.seed}"
+        name = member_row(member)
         row = timings[name]
         batched = 1e3 / row["throughput_img_s"]
         probes = [
@@ -259,10 +264,10 @@ def configurations(members, networks, calibrations) -> tuple[dict, dict]:
     """Every configuration the table times, and the members each runs (profile indices)."""
     n = len(members)
     modules = {
-        f"member seed={m.seed}": FlexibleEnsembleModule([networks[i]], mode="full")
+        member_row(m): FlexibleEnsembleModule([networks[i]], mode="full")
         for i, m in enumerate(members)
     }
-    order = {f"member seed={m.seed}": [i] for i, m in enumerate(members)}
+    order = {member_row(m): [i] for i, m in enumerate(members)}
     for k in range(1, n + 1):
         name = f"full ensemble k={k}"
         modules[name] = FlexibleEnsembleModule(

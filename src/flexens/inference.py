@@ -233,7 +233,10 @@ def measure_latency(
     if can_fuse(members):
         fns[FUSED_FULL] = FusedMembers(members).to(device).full
     threads = (profile or {}).get("threads")
-    explore = ["full", FUSED_FULL]  # the baseline at every thread count, the rest as profiled
+    explore = [
+        "full",
+        FUSED_FULL,
+    ]  # at the serving batch: baselines at every count, the rest as profiled
     return measure_configurations(
         fns,
         singles,

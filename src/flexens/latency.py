@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -350,7 +350,7 @@ def profile_at_threads(
             networks,
             batch_of(size),
             device,
-            Budget(seconds=budget.seconds / len(sizes)),
+            replace(budget, seconds=budget.seconds / len(sizes)),
             f"batch {size}, {threads} thr",
         )
         for size in sizes

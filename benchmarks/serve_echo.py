@@ -18,6 +18,7 @@ import litserve as ls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from flexens.serving.api import DrainingLoop  # noqa: E402
+from flexens.serving.transport import FastQueueLitServer  # noqa: E402
 
 
 class EchoAPI(ls.LitAPI):
@@ -47,5 +48,5 @@ def _interrupt(signum, frame) -> None:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _interrupt)
     api = EchoAPI(max_batch_size=32, batch_timeout=0.0, loop=DrainingLoop())
-    server = ls.LitServer(api, accelerator="cpu", fast_queue=True)
+    server = FastQueueLitServer(api, accelerator="cpu", fast_queue=True)
     server.run(port=int(sys.argv[1]), generate_client_file=False, log_level="warning")

@@ -192,3 +192,18 @@ def test_the_litserve_floor_is_timed_through_the_echo_server(tmp_path, monkeypat
     assert 0 < floor < 1000
     with pytest.raises(serve_load.httpx.TransportError):  # stopped: nothing listens any more
         serve_load.httpx.get("http://127.0.0.1:8797/health", timeout=2)
+
+
+def test_load_summary_counts_waiting_requests_in_the_tail_and_sheds_apart(monkeypatch):
+    """serve_load.py's open loop: a request unanswered at the end (status 0) is in the p99 at
+    its wait so far; a 503 is shed, neither answered nor timed; throughput counts answers."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import serve_load
+
+    answered = [(i * 0.01, 10.0, 200, 1, 2, "calibrated") for i in range(98)]
+    records = [*answered, (0.5, 5000.0, 0, 0, 0, ""), (0.6, 1.0, 503, 0, 0, "")]
+    summary = serve_load.summarise(records, offered=100.0)
+    assert summary["unanswered"] == 1 and summary["shed"] == 1 and summary["errors"] == 1
+    assert summary["p50_ms"] == 10.0 and summary["p99_ms"] > 10.0
+    assert summary["points"] == {"calibrated": 98} and summary["accuracy"] == 1.0
+    assert summary["throughput_rps"] == pytest.approx(98 / (0.97 + 0.01))

@@ -91,6 +91,112 @@ def steady(start: float, seconds: float, rate: float, latency: float, jitter: fl
     return [(float(t), float(latency + jitter * rng.standard_normal())) for t in times]
 
 
+# -- LitServe plumbing ------------------------------------------------------------------------
+def test_responses_cross_the_zeromq_broker_from_a_worker_to_the_http_process():
+    """fast_queue's transport as the processes see it: pickled copies (no broker), a worker
+    publishing a response and an HTTP process receiving it (LitServe #751 swapped them)."""
+    import asyncio
+    import pickle
+
+    import zmq
+
+    from flexens.serving.transport import BrokeredZMQTransport
+
+    transport = BrokeredZMQTransport.started()
+    http, worker = (pickle.loads(pickle.dumps(transport)) for _ in range(2))
+    assert http.broker is None and worker.broker is None
+    http.setup(zmq.SUB, consumer_id=0)
+    try:
+        worker.send(("uid-1", ({"class_index": 3}, 200)), consumer_id=0)
+        got = asyncio.run(http.areceive(0, timeout=10))
+    finally:
+        http.close()
+        worker.close()
+    transport.close()  # the parent never opened a socket: nothing to close, no error
+    assert got == ("uid-1", ({"class_index": 3}, 200))
+
+
+def test_the_endpoint_guard_is_awaited_not_run_in_a_thread():
+    """Without an API key LitServe's no-op guard is synchronous (a thread hop per request);
+    the server's is a coroutine, and an API's own ``authorize`` still wins."""
+    import inspect
+
+    import litserve as ls
+
+    from flexens.serving.transport import FastQueueLitServer
+
+    class Echo(ls.LitAPI):
+        def setup(self, device):
+            pass
+
+        def predict(self, x):
+            return x
+
+    class Guarded(Echo):
+        def authorize(self):
+            pass
+
+    assert inspect.iscoroutinefunction(FastQueueLitServer(Echo()).setup_auth())
+    guarded = Guarded()
+    assert FastQueueLitServer(guarded).setup_auth(guarded) == guarded.authorize
+
+
+def test_over_max_in_flight_a_request_gets_503_before_its_body_is_read():
+    """Load shedding: at the limit the gate answers 503 at once; nothing is read, decoded or
+    handed to LitServe, and the refusal is counted."""
+    import asyncio
+
+    from flexens.serving.gate import RequestGate
+    from flexens.serving.points import ServedPoint
+
+    point = ServedPoint("calibrated", (0.5,), 1.0, False, None, None)
+    touched = []
+
+    async def app(scope, receive, send):
+        touched.append("app")
+
+    def decode(data):
+        touched.append("decode")
+
+    gate = RequestGate(
+        app, front=None, decode=decode, max_body_bytes=100, num_members=2,
+        max_in_flight=3, ladder=[point],
+    )  # fmt: skip
+    gate.in_flight = 3
+    sent = []
+
+    async def receive():
+        touched.append("receive")
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/predict", "method": "POST", "headers": []}
+    asyncio.run(gate(scope, receive, send))
+    assert sent[0]["status"] == 503 and touched == []
+    detail = json.loads(sent[1]["body"])["detail"]
+    assert "3 requests in flight" in detail and "serve.max_in_flight" in detail
+    assert gate.in_flight == 3
+    text = gate.metrics.exposition().decode()
+    assert 'flexens_rejected_requests_total{status="503"} 1.0' in text
+
+
+def test_max_in_flight_is_checked_with_the_other_settings():
+    from omegaconf import OmegaConf
+
+    from flexens.serving.settings import read_settings
+
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/serve/default.yaml"))
+    assert read_settings(raw, Path("m"), "cpu").max_in_flight == 256
+    raw["max_in_flight"] = None
+    assert read_settings(raw, Path("m"), "cpu").max_in_flight is None
+    raw["max_in_flight"] = 0
+    with pytest.raises(
+        ValueError, match=r"^serve.max_in_flight must be a whole number >= 1, got 0$"
+    ):
+        read_settings(raw, Path("m"), "cpu")
+
+
 def test_slo_controller_steps_faster_under_load_and_back_when_it_drops():
     controller = SloController(POLICY)
     trace = (

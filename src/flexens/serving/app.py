@@ -24,6 +24,7 @@ from flexens.serving.gate import RequestGate
 from flexens.serving.points import ServingFront
 from flexens.serving.settings import ServeSettings
 from flexens.serving.slo import SloPolicy
+from flexens.serving.transport import FastQueueLitServer
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         "front": front,
         "decode": decode,
         "max_body_bytes": settings.max_body_bytes,
+        "max_in_flight": settings.max_in_flight,
         "num_members": len(calibration.members),
         "ladder": ladder,
         "slo_policy": policy,
@@ -65,7 +67,7 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         settings.batch_timeout,
     )
     device = resolve_device(settings.device)
-    server = ls.LitServer(
+    server = FastQueueLitServer(
         api,
         accelerator="cuda" if device.type == "cuda" else "cpu",
         workers_per_device=settings.workers_per_device,

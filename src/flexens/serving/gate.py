@@ -121,12 +121,13 @@ class RequestGate:
         decode: Callable[[bytes], torch.Tensor],
         max_body_bytes: int,
         num_members: int,
+        max_in_flight: int | None = None,
         ladder: list[ServedPoint] | None = None,
         slo_policy: SloPolicy | None = None,
         path: str = "/predict",
     ) -> None:
         self.app, self.front, self.decode, self.path = app, front, decode, path
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.max_in_flight = max_body_bytes, max_in_flight
         self.ladder = ladder or [front.default]
         self.controller = SloController(slo_policy) if slo_policy is not None else None
         self.metrics = ServeMetrics(num_members)
@@ -144,6 +145,8 @@ class RequestGate:
             return await reply(send, 200, body, CONTENT_TYPE_LATEST.encode())
         if scope["path"] != self.path or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            return await self._shed(send)
         start = time.perf_counter()
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
@@ -183,6 +186,20 @@ class RequestGate:
             "point": point.name,
         }
         return await self._forward(scope, receive, send, json.dumps(payload).encode())
+
+    async def _shed(self, send) -> None:
+        """Overload: refuse before reading or decoding anything. A server that decodes every
+        arrival while its worker falls behind spends its CPU on requests that will wait
+        seconds, and its throughput collapses; a 503 now lets the client retry elsewhere."""
+        status = 503
+        self.metrics.requests.labels(status=str(status)).inc()
+        self.metrics.rejected.labels(status=str(status)).inc()
+        await self._refuse(
+            send,
+            status,
+            f"server busy: {self.in_flight} requests in flight, the limit is "
+            f"{self.max_in_flight} (serve.max_in_flight); retry later",
+        )
 
     async def _refuse(self, send, status: int, reason: str) -> int:
         body = json.dumps({"detail": " ".join(reason.split())}).encode()

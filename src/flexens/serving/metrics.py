@@ -25,7 +25,7 @@ class ServeMetrics:
         )
         self.rejected = Counter(
             "flexens_rejected_requests",
-            "Requests refused with a 4xx, by status",
+            "Requests refused with a 4xx (bad request) or 503 (over serve.max_in_flight), by status",
             ["status"],
             registry=r,
         )

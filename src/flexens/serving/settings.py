@@ -27,6 +27,7 @@ class ServeSettings:
     timeout: float
     max_body_bytes: int
     max_pixels: int
+    max_in_flight: int | None
     fast_queue: bool
     device: str
     default_point: tuple[str, float] | None
@@ -109,6 +110,9 @@ def read_settings(s: dict, members_dir: Path, device: str) -> ServeSettings:
         timeout=_number(s["timeout"], "timeout"),
         max_body_bytes=_whole(s["max_body_bytes"], "max_body_bytes", 1),
         max_pixels=_whole(s["max_pixels"], "max_pixels", 1),
+        max_in_flight=(
+            None if s["max_in_flight"] is None else _whole(s["max_in_flight"], "max_in_flight", 1)
+        ),
         fast_queue=bool(s["fast_queue"]),
         device=device,
         default_point=_default_point(s["operating_point"]),

@@ -2,12 +2,15 @@
 
 Starts the real server (``serve.py``, loopback only) and drives it with locust, headless,
 bounded in requests and time, with the same members and the same labelled test images for
-every mode:
+every mode. With two or more cores the server runs on all but the last and locust (and the
+batch-1 client) on the last, so the load generator does not measure itself; ``--no-pin``
+shares every core. Every fresh server gets a few seconds of untimed load first.
 
 1. throughput and p50 / p99 latency at concurrency 1, 8 and 32 (closed loop), flexible vs
-   full; targets at 8: throughput ≥ 2.5× and p99 ≤ 0.5× full's;
-2. a ramp of offered load (open loop: users at a constant request rate) for full, flexible,
-   and flexible with SLO mode; target: where full's p99 passes 2 × SLO, SLO mode keeps
+   full, with the server on its own cores and again sharing every core with locust;
+   targets at 8: throughput ≥ 2.5× and p99 ≤ 0.5× full's;
+2. a ramp of offered load (open loop: Poisson arrivals, see serve_locustfile.py) for full,
+   flexible, and flexible with SLO mode; target: where full's p99 passes 2 × SLO, SLO mode keeps
    p99 ≤ SLO, giving up the accuracy its operating points' certificates state;
 3. server overhead: batch-1 latency through the server minus ``FlexibleEnsembleModule``
    called in-process on the same decoded images (target ≤ 1.5 ms).
@@ -220,12 +223,12 @@ def summarise(records: list, offered: float) -> dict:
     ok = np.array([r[2] == 200 for r in records])
     waiting = np.array([r[2] == 0 for r in records])
     end = start + latency / 1e3
-    span = max(end[ok].max() - start.min(), 1e-9)
+    span = max(end[ok].max() - start.min(), 1e-9) if ok.any() else float("inf")
     points: dict[str, int] = {}
     for r in records:
         if r[2] == 200:
             points[r[5]] = points.get(r[5], 0) + 1
-    timed = latency[ok | waiting]
+    timed = latency[ok | waiting] if (ok | waiting).any() else np.array([np.nan])
     return {
         "offered_rps": offered,
         "requests": len(records),
@@ -235,8 +238,8 @@ def summarise(records: list, offered: float) -> dict:
         "throughput_rps": float(ok.sum() / span),
         "p50_ms": float(np.percentile(timed, 50)),
         "p99_ms": float(np.percentile(timed, 99)),
-        "accuracy": float(np.mean([r[3] for r in records if r[2] == 200])),
-        "avg_members": float(np.mean([r[4] for r in records if r[2] == 200])),
+        "accuracy": float(np.mean([r[3] for r in records if r[2] == 200] or [np.nan])),
+        "avg_members": float(np.mean([r[4] for r in records if r[2] == 200] or [np.nan])),
         "points": points,
     }
 
@@ -393,9 +396,9 @@ def ramp_table(ramp: dict, capacity: float) -> list[str]:
 def section(
     results: dict, ramp: dict, capacity: float, slo_ms: float, machine: str, placement: str
 ) -> str:
-    pinned = "sharing_cores" in results
-    rows = sweep_rows(results, "its own" if pinned else "both, shared with the load")
-    if pinned:
+    split = "sharing_cores" in results
+    rows = sweep_rows(results, "its own" if split else "both, shared with the load")
+    if split:
         rows += sweep_rows(results["sharing_cores"], "both, shared with the load")
     overhead = results["server_batch1_ms"] - results["inprocess_batch1_ms"]
     ramp_rows = ramp_table(ramp, capacity)
@@ -409,7 +412,7 @@ def section(
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        sweep_verdict(results, "server on its own core" if pinned else "server and load sharing"),
+        sweep_verdict(results, "server on its own core" if split else "server and load sharing"),
         *(
             ["", sweep_verdict(results["sharing_cores"], "server on both cores (load beside it)")]
             if "sharing_cores" in results

@@ -93,27 +93,39 @@ def steady(start: float, seconds: float, rate: float, latency: float, jitter: fl
 
 # -- LitServe plumbing ------------------------------------------------------------------------
 def test_responses_cross_the_zeromq_broker_from_a_worker_to_the_http_process():
-    """fast_queue's transport as the processes see it: pickled copies (no broker), a worker
-    publishing a response and an HTTP process receiving it (LitServe #751 swapped them)."""
+    """fast_queue's transport as the processes see it: the worker's copy is unpickled (no
+    broker, its publisher connected at once), the HTTP process subscribes, and a response
+    crosses the broker (LitServe #751 swapped its two addresses)."""
     import asyncio
     import pickle
+    from queue import Empty
 
     import zmq
 
     from flexens.serving.transport import BrokeredZMQTransport
 
     transport = BrokeredZMQTransport.started()
-    http, worker = (pickle.loads(pickle.dumps(transport)) for _ in range(2))
-    assert http.broker is None and worker.broker is None
+    worker = pickle.loads(pickle.dumps(transport))
+    assert worker.broker is None and worker._zmq is not None  # publishing already
+    http = BrokeredZMQTransport(None, transport.backend_address, transport.frontend_address)
     http.setup(zmq.SUB, consumer_id=0)
+    answer = ("uid-1", ({"class_index": 3}, 200))
+
+    async def deliver():  # a subscription takes a moment to reach the publisher: resend
+        for _ in range(100):
+            worker.send(answer, consumer_id=0)
+            try:
+                return await http.areceive(0, timeout=0.1)
+            except Empty:
+                continue
+        raise AssertionError("no response crossed the broker in 10 s")
+
     try:
-        worker.send(("uid-1", ({"class_index": 3}, 200)), consumer_id=0)
-        got = asyncio.run(http.areceive(0, timeout=10))
+        assert asyncio.run(deliver()) == answer
     finally:
         http.close()
         worker.close()
     transport.close()  # the parent never opened a socket: nothing to close, no error
-    assert got == ("uid-1", ({"class_index": 3}, 200))
 
 
 def test_the_endpoint_guard_is_awaited_not_run_in_a_thread():

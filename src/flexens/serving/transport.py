@@ -5,15 +5,16 @@
    travels through a multiprocessing Manager queue (a round trip through a third process)
    and the HTTP process waits for each one in a thread. Its ZeroMQ wiring also swaps the
    broker's two addresses, so setting the type alone would leave every request hanging.
-   :class:`FastQueueLitServer` builds the ZeroMQ transport as PR #752 does.
+   :class:`FastQueueLitServer` builds the ZeroMQ transport as PR #752 does; each worker's
+   publisher connects when the worker starts (:func:`publisher`) and sends no ping.
 2. With it, requests go to the workers through a plain ``multiprocessing.Queue`` instead of
    a Manager queue: a pipe, without the Manager's round trip per request.
 3. Without an API key, LitServe guards the endpoint with a synchronous no-op dependency,
    which FastAPI runs in a thread pool: one thread hop per request for nothing. An async
    no-op takes its place (``LIT_SERVER_API_KEY`` and a ``LitAPI.authorize`` still apply).
 
-On a one-core server these made up about a third of the CPU per request
-(``benchmarks/serve_load.py``; BENCHMARKS.md). Drop each once a LitServe release does it.
+On a one-core server the transport alone gives flexible serving 27 % more throughput
+(``benchmarks/serve_transport.py``; BENCHMARKS.md). Drop each fix once LitServe has it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import litserve as ls
+import zmq
 from litserve import server as litserve_server
-from litserve.transport.zmq_queue import Broker
+from litserve.transport.zmq_queue import Broker, Producer
 from litserve.transport.zmq_transport import ZMQTransport
 
 
@@ -40,6 +42,14 @@ class BrokeredZMQTransport(ZMQTransport):
         broker.start()
         return cls(broker, broker.backend_address, broker.frontend_address)
 
+    def setup(self, operation, consumer_id: int | None = None) -> None:
+        """As LitServe's, but a publisher sends no ``__ping__``: a subscriber that received one
+        would fail to unpickle it and LitServe's response loop would stop for good."""
+        if operation == zmq.PUB:
+            self._zmq = Producer(address=self.backend_address)
+        else:
+            super().setup(operation, consumer_id)
+
     def close(self, **kwargs) -> None:
         """Close this process's socket if it opened one (LitServe closes the transport in
         the parent process too, which never does: the base class raises there)."""
@@ -47,7 +57,22 @@ class BrokeredZMQTransport(ZMQTransport):
             self._zmq.close()
 
     def __reduce__(self):  # the broker thread stays in the process that started it
-        return BrokeredZMQTransport, (None, self.backend_address, self.frontend_address)
+        return publisher, (self.backend_address, self.frontend_address)
+
+
+def publisher(backend_address: str, frontend_address: str) -> BrokeredZMQTransport:
+    """An inference worker's copy of the transport, connected at once.
+
+    LitServe pickles the transport only into the workers it spawns (its HTTP processes are
+    forked or threads, and subscribe when they start). A ZeroMQ publisher drops what it
+    sends before the broker has told it who subscribes, and LitServe's publisher connects
+    at the first response and waits only 0.1 s: on a busy machine that first answer could
+    be lost and its request never answered. Connecting while the worker loads its model
+    leaves seconds for that.
+    """
+    transport = BrokeredZMQTransport(None, backend_address, frontend_address)
+    transport.setup(zmq.PUB)
+    return transport
 
 
 async def no_auth() -> None:

@@ -13,7 +13,7 @@
    which FastAPI runs in a thread pool: one thread hop per request for nothing. An async
    no-op takes its place (``LIT_SERVER_API_KEY`` and a ``LitAPI.authorize`` still apply).
 
-On a one-core server the transport alone gives flexible serving 27 % more throughput
+On a one-core server the transport alone gives flexible serving 15–27 % more throughput
 (``benchmarks/serve_transport.py``; BENCHMARKS.md). Drop each fix once LitServe has it.
 """
 

@@ -70,27 +70,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args(argv)
     args.thresholds = args.thresholds or args.members_dir / "thresholds.json"
-    args.server_cpus, args.client_cpus = cpu_split(args.pin)
+    args.cpus = set(os.sched_getaffinity(0))
+    args.server_cpus, args.client_cpus = cpu_split(args.cpus, args.pin)
     return args
 
 
 def sharing_cores(args: argparse.Namespace) -> argparse.Namespace:
     """The same settings with server and load generator both on every core."""
-    every = set(os.sched_getaffinity(0)) | (args.server_cpus or set()) | (args.client_cpus or set())
-    return argparse.Namespace(**{**vars(args), "server_cpus": every, "client_cpus": every})
+    return argparse.Namespace(**{**vars(args), "server_cpus": args.cpus, "client_cpus": args.cpus})
 
 
-def cpu_split(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+def cpu_split(cpus: set[int], pin: bool) -> tuple[set[int] | None, set[int] | None]:
     """Cores for the server and for the load generator (and this process's client).
 
     A load generator on the server's cores measures itself as much as the server: each
     request waits for a core behind three processes. With two or more cores the last one
     goes to the client side and the others to the server; ``None`` leaves a side unpinned.
     """
-    cpus = sorted(os.sched_getaffinity(0))
-    if not pin or len(cpus) < 2:
+    ordered = sorted(cpus)
+    if not pin or len(ordered) < 2:
         return None, None
-    return set(cpus[:-1]), {cpus[-1]}
+    return set(ordered[:-1]), {ordered[-1]}
 
 
 def pinned(cpus: set[int] | None):

@@ -233,10 +233,8 @@ def measure_latency(
     if can_fuse(members):
         fns[FUSED_FULL] = FusedMembers(members).to(device).full
     threads = (profile or {}).get("threads")
-    explore = [
-        "full",
-        FUSED_FULL,
-    ]  # at the serving batch: baselines at every count, the rest as profiled
+    # at the serving batch: the baselines at every thread count, the rest as profiled
+    explore = ["full", FUSED_FULL]
     return measure_configurations(
         fns,
         singles,

@@ -146,7 +146,7 @@ class RequestGate:
         if scope["path"] != self.path or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
-            return await self._shed(send)
+            return self._count(await self._shed(send))
         start = time.perf_counter()
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
@@ -156,9 +156,7 @@ class RequestGate:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
         elapsed = time.perf_counter() - start
-        self.metrics.requests.labels(status=str(status)).inc()
-        if 400 <= status < 500:
-            self.metrics.rejected.labels(status=str(status)).inc()
+        self._count(status)
         if status == 200:
             self.metrics.latency.observe(elapsed)
             self.metrics.members_used.observe(members)
@@ -187,16 +185,18 @@ class RequestGate:
         }
         return await self._forward(scope, receive, send, json.dumps(payload).encode())
 
-    async def _shed(self, send) -> None:
+    def _count(self, status: int) -> None:
+        self.metrics.requests.labels(status=str(status)).inc()
+        if 400 <= status < 500 or status == 503:
+            self.metrics.rejected.labels(status=str(status)).inc()
+
+    async def _shed(self, send) -> int:
         """Overload: refuse before reading or decoding anything. A server that decodes every
         arrival while its worker falls behind spends its CPU on requests that will wait
         seconds, and its throughput collapses; a 503 now lets the client retry elsewhere."""
-        status = 503
-        self.metrics.requests.labels(status=str(status)).inc()
-        self.metrics.rejected.labels(status=str(status)).inc()
-        await self._refuse(
+        return await self._refuse(
             send,
-            status,
+            503,
             f"server busy: {self.in_flight} requests in flight, the limit is "
             f"{self.max_in_flight} (serve.max_in_flight); retry later",
         )

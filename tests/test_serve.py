@@ -170,8 +170,11 @@ def test_over_max_in_flight_a_request_gets_503_before_its_body_is_read():
     def decode(data):
         touched.append("decode")
 
+    async def submit(payload):
+        touched.append("submit")
+
     gate = RequestGate(
-        app, front=None, decode=decode, max_body_bytes=100, num_members=2,
+        app, submit=submit, front=None, decode=decode, max_body_bytes=100, num_members=2,
         max_in_flight=3, ladder=[point],
     )  # fmt: skip
     gate.in_flight = 3
@@ -191,6 +194,141 @@ def test_over_max_in_flight_a_request_gets_503_before_its_body_is_read():
     assert gate.in_flight == 3
     text = gate.metrics.exposition().decode()
     assert 'flexens_rejected_requests_total{status="503"} 1.0' in text
+
+
+class _Front:
+    """A serving front that offers only its default point (what the gate asks of one)."""
+
+    def __init__(self, point):
+        self.default = point
+
+    def resolve(self, asked):
+        assert not asked
+        return None
+
+
+def _gate_call(gate, body: bytes, headers=(), method="POST", path="/predict"):
+    """One request through ``gate`` in-process: its status and JSON answer."""
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "method": method, "headers": list(headers)}
+    asyncio.run(gate(scope, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def _gate(submit, api_key=None):
+    from flexens.serving.gate import RequestGate
+    from flexens.serving.points import ServedPoint
+
+    point = ServedPoint("calibrated", (0.5,), 1.0, False, None, None)
+
+    async def app(scope, receive, send):
+        raise AssertionError("the gate answers POST /predict itself")
+
+    return RequestGate(
+        app, submit=submit, front=_Front(point), decode=lambda data: torch.full((1, 2, 2), 0.25),
+        max_body_bytes=100, num_members=2, ladder=[point], api_key=api_key,
+    )  # fmt: skip
+
+
+def test_the_gate_hands_decoded_pixels_to_the_workers_and_answers_itself():
+    """No second parse: the workers get the float32 pixels as bytes, with the thresholds and
+    name of the point, and their answer goes back as the JSON body."""
+    payloads = []
+
+    async def submit(payload):
+        payloads.append(payload)
+        return {"class_index": 1, "members_used": 2, "operating_point": payload["point"]}
+
+    gate = _gate(submit)
+    status, answer = _gate_call(gate, b"image bytes")
+    assert status == 200 and answer["members_used"] == 2
+    sent = payloads[0]
+    assert sent["shape"] == (1, 2, 2) and sent["thresholds"] == (0.5,)
+    assert sent["point"] == "calibrated" == answer["operating_point"]
+    pixels = torch.frombuffer(bytearray(sent["x"]), dtype=torch.float32)
+    assert torch.equal(pixels, torch.full((4,), 0.25))
+    assert "flexens_members_used_sum 2.0" in gate.metrics.exposition().decode()
+
+
+def test_a_worker_error_reaches_the_client_with_its_status_and_one_line():
+    from flexens.serving.transport import WorkerFailed
+
+    async def submit(payload):
+        raise WorkerFailed(504, "Request timed out")
+
+    status, answer = _gate_call(_gate(submit), b"image bytes")
+    assert (status, answer) == (504, {"detail": "Request timed out"})
+
+
+def test_with_an_api_key_the_gate_refuses_a_missing_or_wrong_key_before_the_body():
+    submitted = []
+
+    async def submit(payload):
+        submitted.append(payload)
+        return {"members_used": 1}
+
+    gate = _gate(submit, api_key="s3cret")
+    for headers in ([], [(b"x-api-key", b"wrong")]):
+        status, answer = _gate_call(gate, b"image bytes", headers)
+        assert status == 401 and "X-API-Key" in answer["detail"]
+    assert submitted == []
+    status, _ = _gate_call(gate, b"image bytes", [(b"x-api-key", b"s3cret")])
+    assert status == 200 and len(submitted) == 1
+    metrics = _gate_call(gate, b"", method="GET", path="/metrics")
+    assert metrics[0] == 401
+
+
+def test_submit_queues_the_request_and_returns_the_workers_answer():
+    """FastQueueLitServer.submit does what LitServe's route does after parsing: the request
+    goes on the API's queue with a fresh uid, LitServe's response reader fills the buffer,
+    and an error answer becomes a WorkerFailed with the worker's status (500 otherwise)."""
+    import asyncio
+    import pickle
+
+    import litserve as ls
+    from fastapi import HTTPException
+    from litserve.utils import LitAPIStatus, PickleableHTTPException
+
+    from flexens.serving.transport import FastQueueLitServer, WorkerFailed
+
+    class Echo(ls.LitAPI):
+        def setup(self, device):
+            pass
+
+        def predict(self, x):
+            return x
+
+    server = FastQueueLitServer(Echo())
+    server.app.response_queue_id = 0
+    answers = []  # what the workers send back for the next request: (response, status)
+
+    class Queue:  # the workers, answering through the response buffer as LitServe's reader
+        def put(self, item):
+            queue_id, uid, _, payload = item
+            assert queue_id == 0 and payload == {"x": b"pixels"}
+            buffered = server.response_buffer[uid]
+            buffered.response = list(answers.pop(0))
+            asyncio.get_running_loop().call_soon(buffered.event.set)
+
+    server._get_request_queue = lambda path: Queue()
+    answers.append(({"ok": True}, LitAPIStatus.OK))
+    assert asyncio.run(server.submit({"x": b"pixels"})) == {"ok": True}
+    timed_out = PickleableHTTPException.from_exception(HTTPException(504, "Request timed out"))
+    for response, status in ((timed_out, 504), (pickle.dumps(ValueError("boom")), 500)):
+        answers.append((response, LitAPIStatus.ERROR))
+        with pytest.raises(WorkerFailed) as failed:
+            asyncio.run(server.submit({"x": b"pixels"}))
+        assert failed.value.status == status
+    assert server.response_buffer == {}
 
 
 def test_max_in_flight_is_checked_with_the_other_settings():
@@ -288,9 +426,24 @@ def served(digits_ensemble, tmp_path_factory):
         run_script("calibrate.py", f"paths.output_dir={out}", "logger=csv")
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
+    process = start_server(out, port, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+        yield url, out
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def start_server(out: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "FLEXENS_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
     with log.open("w") as sink:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [
                 sys.executable,
                 str(ROOT / "serve.py"),
@@ -306,17 +459,6 @@ def served(digits_ensemble, tmp_path_factory):
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log)
-        yield url, out
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
@@ -451,6 +593,54 @@ def test_every_bad_request_gets_its_4xx_and_the_server_keeps_answering(served, t
     assert "flexens_request_latency_seconds_bucket" in metrics
     assert "flexens_operating_point{expected_ms=" in metrics
     assert "flexens_members_used_bucket" in metrics
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_killing_serve_py_outright_stops_its_workers_and_frees_the_port(served, tmp_path):
+    """kill -9 of the main process gives LitServe no chance to stop its HTTP process and
+    workers: each stops itself when its parent dies, and the port can be bound again."""
+    _, out = served
+    port = free_port()
+    process = start_server(out, port, tmp_path / "server.log")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, tmp_path / "server.log")
+        children = descendants(process.pid)
+        assert len(children) >= 2  # the HTTP process and an inference worker at least
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)]
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ every sample. Per-sample thresholds cost one gather per stage and neither.
 
 from __future__ import annotations
 
-import base64
 import time
 from pathlib import Path
 from queue import Empty, Queue
@@ -23,6 +22,7 @@ from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 
 from flexens.ensemble import FlexibleEnsembleModule
+from flexens.serving.transport import die_with_parent
 
 POLL_S = 0.05
 """How long the worker blocks on an empty queue before looking again (no busy waiting)."""
@@ -95,6 +95,7 @@ class EnsembleAPI(ls.LitAPI):
     def setup(self, device) -> None:
         from flexens.inference import load_calibrated_members
 
+        die_with_parent()  # a worker must not wait on its queue after serve.py was killed
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         members, calibration = load_calibrated_members(
@@ -113,11 +114,10 @@ class EnsembleAPI(ls.LitAPI):
         )
         self.class_names = list(members[0].meta["class_names"])
 
-    def decode_request(self, request: dict) -> tuple[torch.Tensor, list[float] | None, str]:
+    def decode_request(self, request: dict) -> tuple[torch.Tensor, tuple | None, str]:
         """The gate's payload: a decoded image, its thresholds, the name of its point."""
-        raw = bytearray(base64.b64decode(request["x"]))
-        x = torch.frombuffer(raw, dtype=torch.float32).reshape(request["shape"])
-        return x, request["thresholds"], request["point"]
+        x = torch.frombuffer(bytearray(request["x"]), dtype=torch.float32)
+        return x.reshape(request["shape"]), request["thresholds"], request["point"]
 
     def batch(self, inputs: list) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
         xs, thresholds, points = zip(*inputs, strict=True)

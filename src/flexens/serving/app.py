@@ -9,6 +9,7 @@ any shared state between processes.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         "num_members": len(calibration.members),
         "ladder": ladder,
         "slo_policy": policy,
+        "api_key": os.environ.get("LIT_SERVER_API_KEY"),
     }
     api = EnsembleAPI(
         settings.thresholds,
@@ -73,7 +75,7 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         workers_per_device=settings.workers_per_device,
         timeout=settings.timeout,
         fast_queue=settings.fast_queue,
-        middlewares=[(RequestGate, gate)],
+        front_door=(RequestGate, gate),
         model_metadata={"ensemble": calibration.ensemble, "criterion": calibration.criterion},
     )
     return ServerParts(server, front, ladder)

@@ -1,25 +1,29 @@
 """The HTTP side of ``POST /predict``: refuse bad requests, decode images, pick thresholds.
 
-An ASGI middleware in front of LitServe's route, running in the HTTP process. Why here
-and not in ``LitAPI.decode_request``: LitServe decodes a whole dynamic batch in the
-inference worker and answers *every* request of the batch with the error when one decode
-raises, so one truncated upload would fail its innocent neighbours. Refusing at the gate
-keeps bad requests out of batches altogether, answers them with a 4xx and a one-line
-``detail`` without waking the worker, and overlaps image decoding (HTTP process) with the
-members' compute (worker process) on a small machine. The worker receives only decoded
-tensors and the thresholds each request is served at.
+An ASGI middleware in front of LitServe's app, running in the HTTP process. Why here and
+not in ``LitAPI.decode_request``: LitServe decodes a whole dynamic batch in the inference
+worker and answers *every* request of the batch with the error when one decode raises, so
+one truncated upload would fail its innocent neighbours. Refusing at the gate keeps bad
+requests out of batches altogether, answers them with a 4xx and a one-line ``detail``
+without waking the worker, and overlaps image decoding (HTTP process) with the members'
+compute (worker process) on a small machine. The worker receives only decoded pixels and
+the thresholds each request is served at, handed to its queue by ``submit``
+(:meth:`flexens.serving.transport.FastQueueLitServer.submit`) rather than through
+LitServe's FastAPI route, which would parse and serialise every request a second time.
 
 The gate also serves ``GET /metrics``, times every request for the metrics and SLO mode,
-and applies SLO mode's choice to requests that ask for no operating point of their own.
+applies SLO mode's choice to requests that ask for no operating point of their own, and
+checks ``X-API-Key`` when ``LIT_SERVER_API_KEY`` is set, as LitServe's route would.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
 import torch
@@ -29,6 +33,7 @@ from flexens.images import ImageRejected, ImageTooLarge
 from flexens.serving.metrics import ServeMetrics
 from flexens.serving.points import SETTINGS, RequestRejected, ServedPoint, ServingFront
 from flexens.serving.slo import SloController, SloPolicy
+from flexens.serving.transport import WorkerFailed
 
 HOW = 'send an image file\'s bytes, or JSON {"image": "<base64>"}'
 
@@ -117,6 +122,7 @@ class RequestGate:
         self,
         app,
         *,
+        submit: Callable[[dict], Awaitable[dict]],
         front: ServingFront,
         decode: Callable[[bytes], torch.Tensor],
         max_body_bytes: int,
@@ -124,9 +130,11 @@ class RequestGate:
         max_in_flight: int | None = None,
         ladder: list[ServedPoint] | None = None,
         slo_policy: SloPolicy | None = None,
+        api_key: str | None = None,
         path: str = "/predict",
     ) -> None:
-        self.app, self.front, self.decode, self.path = app, front, decode, path
+        self.app, self.submit, self.front, self.decode = app, submit, front, decode
+        self.path, self.api_key = path, api_key
         self.max_body_bytes, self.max_in_flight = max_body_bytes, max_in_flight
         self.ladder = ladder or [front.default]
         self.controller = SloController(slo_policy) if slo_policy is not None else None
@@ -140,13 +148,17 @@ class RequestGate:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["path"] == "/metrics" and scope["method"] == "GET":
+        metrics = scope["path"] == "/metrics" and scope["method"] == "GET"
+        if not metrics and (scope["path"] != self.path or scope["method"] != "POST"):
+            return await self.app(scope, receive, send)
+        if metrics and self._authorised(scope):
             body = self.metrics.exposition()
             return await reply(send, 200, body, CONTENT_TYPE_LATEST.encode())
-        if scope["path"] != self.path or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
             return self._count(await self._shed(send))
+        if not self._authorised(scope):
+            reason = "invalid API key; send the server's key in the X-API-Key header"
+            return self._count(await self._refuse(send, 401, reason))
         start = time.perf_counter()
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
@@ -178,12 +190,24 @@ class RequestGate:
             return await self._refuse(send, 400, str(error)), 0
         x = x.to(torch.float32).contiguous()
         payload = {
-            "x": base64.b64encode(x.numpy().tobytes()).decode("ascii"),
-            "shape": list(x.shape),
-            "thresholds": None if point.thresholds is None else list(point.thresholds),
+            "x": x.numpy().tobytes(),
+            "shape": tuple(x.shape),
+            "thresholds": point.thresholds,
             "point": point.name,
         }
-        return await self._forward(scope, receive, send, json.dumps(payload).encode())
+        try:
+            answer = await self.submit(payload)
+        except WorkerFailed as error:
+            return await self._refuse(send, error.status, error.detail), 0
+        await reply(send, 200, json.dumps(answer).encode(), b"application/json")
+        return 200, int(answer["members_used"])
+
+    def _authorised(self, scope) -> bool:
+        """No key set, or the request's ``X-API-Key`` is it (compared in constant time)."""
+        if self.api_key is None:
+            return True
+        key = dict(scope["headers"]).get(b"x-api-key", b"")
+        return hmac.compare_digest(key, self.api_key.encode())
 
     def _count(self, status: int) -> None:
         self.metrics.requests.labels(status=str(status)).inc()
@@ -205,41 +229,6 @@ class RequestGate:
         body = json.dumps({"detail": " ".join(reason.split())}).encode()
         await reply(send, status, body, b"application/json")
         return status
-
-    async def _forward(self, scope, receive, send, body: bytes) -> tuple[int, int]:
-        """Hand the decoded request to LitServe's route; pass its answer on unchanged."""
-        headers = [
-            (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
-        ]
-        headers += [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        sent = False
-
-        async def receive_once():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        messages: list[dict] = []
-
-        async def capture(message):
-            messages.append(message)
-
-        await self.app({**scope, "headers": headers}, receive_once, capture)
-        status = next(m["status"] for m in messages if m["type"] == "http.response.start")
-        members = 0
-        if status == 200:
-            answer = b"".join(
-                m.get("body", b"") for m in messages if m["type"] == "http.response.body"
-            )
-            members = int(json.loads(answer).get("members_used", 0))
-        for message in messages:
-            await send(message)
-        return status, members
 
     def _observe_slo(self, latency_ms: float) -> None:
         if self.controller is None:

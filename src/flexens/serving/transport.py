@@ -1,4 +1,5 @@
-"""``LitServer`` without three per-request costs of LitServe 0.2.19's plumbing.
+"""``LitServer`` without four per-request costs of LitServe 0.2.19's plumbing, and whose
+processes do not outlive it.
 
 1. ``fast_queue=True`` is silently dropped (LitServe issue #751, open PR #752): the
    transport type goes to ``TransportConfig`` under a wrong keyword, so every response
@@ -12,20 +13,41 @@
 3. Without an API key, LitServe guards the endpoint with a synchronous no-op dependency,
    which FastAPI runs in a thread pool: one thread hop per request for nothing. An async
    no-op takes its place (``LIT_SERVER_API_KEY`` and a ``LitAPI.authorize`` still apply).
+4. A front door (``serve.py``'s gate) hands each checked, decoded request straight to the
+   workers' queue with :meth:`FastQueueLitServer.submit` and awaits its answer in LitServe's
+   response buffer, as LitServe's own route does, without the FastAPI round it takes
+   (routing, dependencies, a JSON body parsed again, the response serialised again).
 
 On a one-core server the transport alone gives flexible serving 15–27 % more throughput
 (``benchmarks/serve_transport.py``; BENCHMARKS.md). Drop each fix once LitServe has it.
+
+LitServe ends its HTTP and worker processes when the main process stops normally, but
+nothing watches for a main process that is killed (``kill -9``, the OOM killer): its
+workers then wait on their queue forever and its HTTP process keeps the port. Each of them
+asks Linux to stop it when its parent dies (:func:`die_with_parent`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+from multiprocessing.managers import SyncManager
 
 import litserve as ls
 import zmq
 from litserve import server as litserve_server
+from litserve.transport.factory import create_transport_from_config
 from litserve.transport.zmq_queue import Broker, Producer
 from litserve.transport.zmq_transport import ZMQTransport
+from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 
 class BrokeredZMQTransport(ZMQTransport):
@@ -75,20 +97,111 @@ def publisher(backend_address: str, frontend_address: str) -> BrokeredZMQTranspo
     return transport
 
 
+PR_SET_PDEATHSIG = 1
+"""``prctl`` option: the signal this process gets when the thread that started it exits."""
+
+
+def die_with_parent() -> None:
+    """Get SIGTERM when the parent process dies, however it dies (Linux; elsewhere nothing).
+
+    Called first thing in each process LitServe starts. A parent that died before the
+    call is caught by its pid no longer being this process's parent.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def no_auth() -> None:
     """No authorisation, awaited in the event loop rather than run in a thread."""
 
 
+class WorkerFailed(Exception):
+    """A request the workers answered with an error: its HTTP status and one-line detail."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status, self.detail = status, detail
+
+    @classmethod
+    def from_response(cls, response) -> WorkerFailed:
+        """As LitServe's route reads a worker's error: an ``HTTPException`` (pickled by the
+        worker when it crossed the transport) keeps its status, anything else is a 500."""
+        if isinstance(response, bytes):
+            try:  # the worker process's own pickle, not outside input
+                response = pickle.loads(response)
+            except Exception:
+                response = None
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return cls(status, str(getattr(response, "detail", "")))
+        return cls(500, "internal server error; see the server's log")
+
+
 class FastQueueLitServer(ls.LitServer):
-    """``ls.LitServer`` with a working ``fast_queue`` (see the module docstring)."""
+    """``ls.LitServer`` with a working ``fast_queue`` and a front door (module docstring).
+
+    ``front_door`` is an ASGI middleware class and its options; it gets ``submit`` too, this
+    server's :meth:`submit`, and serves the API's route itself.
+    """
+
+    def __init__(self, lit_api, *, front_door: tuple[type, dict] | None = None, **kwargs):
+        if front_door is not None:
+            door, options = front_door
+            kwargs["middlewares"] = [(door, {**options, "submit": self.submit})]
+        super().__init__(lit_api, **kwargs)
+
+    async def submit(self, payload):
+        """Queue one request for the workers and return their answer (in an HTTP process).
+
+        What LitServe's route does after it has parsed the body: a fresh uid, an event in
+        the response buffer that LitServe's response reader sets, the request on the API's
+        queue. Raises :class:`WorkerFailed` when the workers answered with an error.
+        """
+        uid = uuid.uuid4().hex
+        item = ResponseBufferItem(event=asyncio.Event())
+        self.response_buffer[uid] = item
+        queue = self._get_request_queue(self.lit_api.api_path)
+        queue.put((self.app.response_queue_id, uid, time.monotonic(), payload))
+        try:
+            await item.event.wait()
+        finally:
+            self.response_buffer.pop(uid, None)
+        response, status = item.response
+        if status == LitAPIStatus.ERROR:
+            raise WorkerFailed.from_response(response)
+        return response
 
     def _init_manager(self, num_api_servers: int):
-        manager = super()._init_manager(num_api_servers)
+        """LitServe's, except that its Manager process stops with this one and that with
+        ``fast_queue`` the requests go over pipes and the responses through the broker."""
+        manager = SyncManager(ctx=mp.get_context())
+        manager.start(initializer=die_with_parent)
+        self.transport_config.manager = manager
+        self.transport_config.num_consumers = num_api_servers
+        self.workers_setup_status = manager.dict()
+        self._shutdown_event = manager.Event()
+        for lit_api in self.litapi_connector:
+            queue = mp.get_context("spawn").Queue() if self.use_zmq else manager.Queue()
+            self.litapi_request_queues[lit_api.api_path] = queue
+        if self._logger_connector._loggers:
+            self.logger_queue = manager.Queue()
+        self._logger_connector.run(self)
         if self.use_zmq:
             self._transport = BrokeredZMQTransport.started()
-            for path in self.litapi_request_queues:
-                self.litapi_request_queues[path] = mp.get_context("spawn").Queue()
+        else:
+            self._transport = create_transport_from_config(self.transport_config)
         return manager
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        """LitServe's, in an HTTP process that stops with the main process."""
+        die_with_parent()
+        async with super().lifespan(app):
+            yield
 
     def setup_auth(self, lit_api: ls.LitAPI | None = None):
         auth = super().setup_auth(lit_api)

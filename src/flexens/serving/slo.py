@@ -11,6 +11,10 @@ slower point is per image, would still sit below ``step_down_at × slo``; after 
 it holds for ``hold_s`` and forgets the window, so the next decision is judged on latencies
 of the new point only (requests queued under the old one would otherwise trigger a second
 step for the same burst).
+
+The window's p99 is judged at most 20 times per window, not at every request: sorting a
+window of a few hundred latencies per answered request would cost the HTTP process, the
+bottleneck under overload, most at exactly the moment it can least afford it.
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ class SloPolicy:
             )
 
 
+CHECKS_PER_WINDOW = 20
+"""How often the window's p99 is judged: every ``window_s / CHECKS_PER_WINDOW`` seconds."""
+
+
 class SloController:
     """Deterministic level selection from observed latencies (level 0: the slowest point)."""
 
@@ -87,6 +95,7 @@ class SloController:
         self.level = 0
         self._window: deque[tuple[float, float]] = deque()
         self._last_switch_s = -math.inf
+        self._next_check_s = -math.inf
 
     @property
     def levels(self) -> int:
@@ -100,6 +109,9 @@ class SloController:
             self._window.popleft()
         if len(self._window) < p.min_samples or now_s - self._last_switch_s < p.hold_s:
             return None
+        if now_s < self._next_check_s:
+            return None
+        self._next_check_s = now_s + p.window_s / CHECKS_PER_WINDOW
         p99 = float(np.quantile([lat for _, lat in self._window], 0.99))
         target = self.level
         if p99 > p.step_up_at * p.slo_ms and self.level < self.levels - 1:

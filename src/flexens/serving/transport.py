@@ -10,13 +10,14 @@ processes do not outlive it.
    publisher connects when the worker starts (:func:`publisher`) and sends no ping.
 2. With it, requests go to the workers through a plain ``multiprocessing.Queue`` instead of
    a Manager queue: a pipe, without the Manager's round trip per request.
-3. Without an API key, LitServe guards the endpoint with a synchronous no-op dependency,
+3. Without an API key, LitServe guards its routes with a synchronous no-op dependency,
    which FastAPI runs in a thread pool: one thread hop per request for nothing. An async
    no-op takes its place (``LIT_SERVER_API_KEY`` and a ``LitAPI.authorize`` still apply).
 4. A front door (``serve.py``'s gate) hands each checked, decoded request straight to the
    workers' queue with :meth:`FastQueueLitServer.submit` and awaits its answer in LitServe's
    response buffer, as LitServe's own route does, without the FastAPI round it takes
-   (routing, dependencies, a JSON body parsed again, the response serialised again).
+   (routing, dependencies, a JSON body parsed again, the response serialised again). The
+   route it replaces is never reached, so the door checks ``LIT_SERVER_API_KEY`` itself.
 
 On a one-core server the transport alone gives flexible serving 15–27 % more throughput
 (``benchmarks/serve_transport.py``; BENCHMARKS.md). Drop each fix once LitServe has it.

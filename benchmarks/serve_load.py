@@ -23,6 +23,7 @@ thresholds.json ``python calibrate.py experiment=cifar10`` writes next to them.
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import os
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -173,6 +175,53 @@ class Server:
 
     def output(self) -> str:
         return self.log.read_text()
+
+    def cpu_seconds(self) -> dict[str, float] | None:
+        """CPU time so far of the inference workers (spawned) and of the rest of the server
+        (the main process and its forks: the HTTP process, LitServe's Manager), from /proc;
+        ``None`` where there is no /proc."""
+        if not Path("/proc").is_dir():
+            return None
+        used = {"http": 0.0, "workers": 0.0}
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"resource_tracker" in command:
+                continue
+            role = "workers" if b"spawn_main" in command else "http"
+            used[role] += (int(stat[11]) + int(stat[12])) / tick
+        return used
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def cpu_per_request(server: Server, level: Callable[[], dict]) -> dict:
+    """Run one load level and add the server's CPU ms per answered request, by role."""
+    before = server.cpu_seconds()
+    result = level()
+    after = server.cpu_seconds()
+    answered = result["requests"] - result["errors"] - result["unanswered"]
+    if before is not None and after is not None and answered > 0:
+        for role in before:
+            result[f"cpu_{role}_ms"] = (after[role] - before[role]) * 1e3 / answered
+    return result
 
 
 def run_locust(
@@ -334,7 +383,8 @@ def concurrency_sweep(args, images_file: Path, images, batch1: bool = True) -> d
             if mode == "flexible" and batch1:
                 results["server_batch1_ms"] = server_latency(server.url, images)
             for users in CONCURRENCY:
-                results[f"{mode}@{users}"] = run_locust(server.url, images_file, users, 0, args)
+                level = functools.partial(run_locust, server.url, images_file, users, 0, args)
+                results[f"{mode}@{users}"] = cpu_per_request(server, level)
                 print(mode, users, results[f"{mode}@{users}"], flush=True)
     if batch1:
         results["inprocess_batch1_ms"] = in_process_latency(args, images)
@@ -424,8 +474,9 @@ def section(
         "`serve.py` with 1 torch thread per worker, loopback; load: locust (headless) on the "
         f"same machine ({placement}), same test images for every mode.",
         "",
-        "| server cores | mode | concurrency | req/s | p50 ms | p99 ms | members | accuracy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server cores | mode | concurrency | req/s | p50 ms | p99 ms | members | accuracy "
+        "| server CPU ms/request: HTTP side + workers |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         sweep_verdict(results, "server on its own core" if split else "server and load sharing"),
@@ -471,9 +522,13 @@ def sweep_rows(results: dict, cores: str) -> list[str]:
     for mode in ("full", "flexible"):
         for users in CONCURRENCY:
             r = results[f"{mode}@{users}"]
+            cpu = (
+                f"{r['cpu_http_ms']:.2f} + {r['cpu_workers_ms']:.2f}" if "cpu_http_ms" in r else "–"
+            )
             rows.append(
                 f"| {cores} | {mode} | {users} | {r['throughput_rps']:.0f} | {r['p50_ms']:.1f} | "
-                f"{r['p99_ms']:.1f} | {r['avg_members']:.2f} | {100 * r['accuracy']:.1f} % |"
+                f"{r['p99_ms']:.1f} | {r['avg_members']:.2f} | {100 * r['accuracy']:.1f} % | "
+                f"{cpu} |"
             )
     return rows
 

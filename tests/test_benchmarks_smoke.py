@@ -207,3 +207,21 @@ def test_load_summary_counts_waiting_requests_in_the_tail_and_sheds_apart(monkey
     assert summary["p50_ms"] == 10.0 and summary["p99_ms"] > 10.0
     assert summary["points"] == {"calibrated": 98} and summary["accuracy"] == 1.0
     assert summary["throughput_rps"] == pytest.approx(98 / (0.97 + 0.01))
+
+
+def test_server_cpu_is_charged_per_answered_request_by_role(monkeypatch):
+    """serve_load.py's CPU column: the server's CPU time over a level, per answered request
+    (shed and unanswered requests excluded), split into the HTTP side and the workers."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import serve_load
+
+    readings = iter([{"http": 1.0, "workers": 2.0}, {"http": 1.2, "workers": 2.5}])
+
+    class Server:
+        def cpu_seconds(self):
+            return next(readings)
+
+    level = {"requests": 110, "errors": 5, "unanswered": 5}
+    result = serve_load.cpu_per_request(Server(), lambda: dict(level))
+    assert result["cpu_http_ms"] == pytest.approx(2.0)
+    assert result["cpu_workers_ms"] == pytest.approx(5.0)

@@ -350,8 +350,8 @@ def litserve_floor(args: argparse.Namespace, images: list[tuple[str, str]]) -> d
 def round_trip_ms(url: str, bodies: list[bytes]) -> dict:
     """Mean and median ms of posting each body, one at a time, after up to 20 untimed ones.
 
-    The client is the standard library's ``http.client`` on one keep-alive connection: its
-    own time is part of every figure, and httpx takes about 1 ms more per request here.
+    The client is the standard library's ``http.client`` on one keep-alive connection, a
+    lighter client than httpx: its own time is part of every figure.
     """
     times, warmup = [], bodies[:20]
     host, port = urlsplit(url).hostname, urlsplit(url).port

@@ -151,14 +151,15 @@ class RequestGate:
         metrics = scope["path"] == "/metrics" and scope["method"] == "GET"
         if not metrics and (scope["path"] != self.path or scope["method"] != "POST"):
             return await self.app(scope, receive, send)
-        if metrics and self._authorised(scope):
+        if not self._authorised(scope):
+            reason = "invalid API key; send the server's key in the X-API-Key header"
+            status = await self._refuse(send, 401, reason)
+            return None if metrics else self._count(status)
+        if metrics:
             body = self.metrics.exposition()
             return await reply(send, 200, body, CONTENT_TYPE_LATEST.encode())
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
             return self._count(await self._shed(send))
-        if not self._authorised(scope):
-            reason = "invalid API key; send the server's key in the X-API-Key header"
-            return self._count(await self._refuse(send, 401, reason))
         start = time.perf_counter()
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)

@@ -153,6 +153,20 @@ def test_the_endpoint_guard_is_awaited_not_run_in_a_thread():
     assert FastQueueLitServer(guarded).setup_auth(guarded) == guarded.authorize
 
 
+def test_the_main_process_does_not_ask_to_die_with_its_parent(monkeypatch):
+    """die_with_parent is for LitServe's children: in serve.py's own process (where a
+    threaded HTTP server would call it) it must not tie the server to its shell."""
+    import ctypes
+
+    from flexens.serving.transport import die_with_parent
+
+    def no_prctl(*args):
+        raise AssertionError("prctl called in the main process")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_prctl)
+    die_with_parent()
+
+
 def test_over_max_in_flight_a_request_gets_503_before_its_body_is_read():
     """Load shedding: at the limit the gate answers 503 at once; nothing is read, decoded or
     handed to LitServe, and the refusal is counted."""

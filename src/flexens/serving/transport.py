@@ -106,13 +106,15 @@ def die_with_parent() -> None:
     """Get SIGTERM when the parent process dies, however it dies (Linux; elsewhere nothing).
 
     Called first thing in each process LitServe starts. A parent that died before the
-    call is caught by its pid no longer being this process's parent.
+    call is caught by its pid no longer being this process's parent. In the main process
+    (LitServe's HTTP server in a thread of it, as on Windows) it does nothing: ``serve.py``
+    must not stop because the shell that started it exits.
     """
-    if not sys.platform.startswith("linux"):
+    parent = mp.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    parent = mp.parent_process()
-    if parent is not None and os.getppid() != parent.pid:
+    if os.getppid() != parent.pid:
         os.kill(os.getpid(), signal.SIGTERM)
 
 

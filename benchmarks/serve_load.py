@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -329,37 +330,51 @@ def batch1_overhead(
     """Mean and median ms of ``module`` at batch 1 in-process (on the server's cores, while
     the server idles) and of one request at a time through the server, on the same images
     in the same order, interleaved in :data:`BATCH1_ROUNDS` rounds after 20 untimed each."""
+    import torch
+
     bodies = [Path(p).read_bytes() for p, _ in images]
-    host, port = urlsplit(url).hostname, urlsplit(url).port
-    connection = http.client.HTTPConnection(host, port, timeout=30)
     times: dict[str, list[float]] = {"module": [], "server": []}
     slices = np.array_split(np.arange(len(images)), BATCH1_ROUNDS)
-    try:
+    with keep_alive(url) as connection:
         for round_, picks in enumerate([np.arange(min(20, len(images))), *slices]):
-            in_process = [_timed_call(module, xs[i], args) for i in picks]
+            with running_on(args.server_cpus), torch.inference_mode():
+                in_process = [_timed_call(module, xs[i]) for i in picks]
             through = [_round_trip(connection, bodies[i]) for i in picks]
             if round_ > 0:  # round 0 warms both up
                 times["module"] += in_process
                 times["server"] += through
-    finally:
-        connection.close()
     return {name: timing(seconds) for name, seconds in times.items()}
 
 
-def _timed_call(module, x, args: argparse.Namespace) -> float:
-    """Seconds of one in-process call, on the cores the server's worker runs on."""
-    import torch
-
-    client = os.sched_getaffinity(0)
-    if args.server_cpus is not None:
-        os.sched_setaffinity(0, args.server_cpus)
+@contextmanager
+def running_on(cpus: set[int] | None):
+    """This process on ``cpus`` for the block (``None``: where it already is)."""
+    before = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     try:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            module(x[None])
-            return time.perf_counter() - start
+        yield
     finally:
-        os.sched_setaffinity(0, client)
+        os.sched_setaffinity(0, before)
+
+
+@contextmanager
+def keep_alive(url: str):
+    """One keep-alive connection of the standard library's ``http.client``: a lighter
+    client than httpx, since the client's own time is part of every batch-1 figure."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def _timed_call(module, x) -> float:
+    """Seconds of one in-process call at batch 1."""
+    start = time.perf_counter()
+    module(x[None])
+    return time.perf_counter() - start
 
 
 def _round_trip(connection: http.client.HTTPConnection, body: bytes) -> float:
@@ -379,18 +394,12 @@ def timing(seconds: list[float]) -> dict:
 
 def litserve_floor(args: argparse.Namespace, images: list[tuple[str, str]]) -> dict:
     """Mean and median ms per request of ``serve_echo.py`` (LitServe alone, the same path
-    into its workers as ``serve.py``) on the same image bodies, one at a time after 20
-    untimed ones. The client is the standard library's ``http.client`` on one keep-alive
-    connection, a lighter client than httpx: its own time is part of every figure."""
+    into its workers as ``serve.py``) on the same image bodies, with the same client, one
+    at a time after 20 untimed ones."""
     command = [sys.executable, str(ROOT / "benchmarks/serve_echo.py"), str(args.port)]
     bodies = [Path(p).read_bytes() for p, _ in images]
-    with Server(args, command=command) as server:
-        host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
-        connection = http.client.HTTPConnection(host, port, timeout=30)
-        try:
-            times = [_round_trip(connection, body) for body in bodies[:20] + bodies]
-        finally:
-            connection.close()
+    with Server(args, command=command) as server, keep_alive(server.url) as connection:
+        times = [_round_trip(connection, body) for body in bodies[:20] + bodies]
     return timing(times[min(20, len(bodies)) :])
 
 

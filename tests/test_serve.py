@@ -621,24 +621,6 @@ def test_every_bad_request_gets_its_4xx_and_the_server_keeps_answering(served, t
     assert "flexens_members_used_bucket" in metrics
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -648,9 +630,14 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
-def test_killing_serve_py_outright_stops_its_workers_and_frees_the_port(served, tmp_path):
+def test_killing_serve_py_outright_stops_its_workers_and_frees_the_port(
+    served, tmp_path, monkeypatch
+):
     """kill -9 of the main process gives LitServe no chance to stop its HTTP process and
     workers: each stops itself when its parent dies, and the port can be bound again."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from serve_load import descendants
+
     _, out = served
     port = free_port()
     process = start_server(out, port, tmp_path / "server.log")

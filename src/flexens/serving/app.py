@@ -9,12 +9,12 @@ any shared state between processes.
 from __future__ import annotations
 
 import functools
-import os
 import signal
 from dataclasses import dataclass
 
 import litserve as ls
 import torch
+from litserve import server as litserve_server
 
 from flexens.calibration.schema import Calibration
 from flexens.images import decode_image
@@ -58,7 +58,7 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         "num_members": len(calibration.members),
         "ladder": ladder,
         "slo_policy": policy,
-        "api_key": os.environ.get("LIT_SERVER_API_KEY"),
+        "api_key": litserve_server.LIT_SERVER_API_KEY or None,  # LitServe's own reading
     }
     api = EnsembleAPI(
         settings.thresholds,

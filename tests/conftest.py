@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexens.members.networks import SmallConvNet
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -102,6 +104,18 @@ def make_image_tree(
                 image = image.quantize(16) if mode == "P" else image.convert(mode)
                 image.save(folder / f"img{i}{suffix}", format="PNG" if suffix == ".png" else "JPEG")
     return root
+
+
+def small_members(count: int = 4, seed: int = 0) -> list[torch.nn.Module]:
+    """Tiny ``SmallConvNet`` members in eval mode, as trained ones: BatchNorm not identity."""
+    torch.manual_seed(seed)
+    nets = [SmallConvNet(num_classes=10, in_chans=3, width=4, depth=2) for _ in range(count)]
+    for net in nets:  # non-trivial BatchNorm statistics, as in trained members
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return [n.eval() for n in nets]
 
 
 @pytest.fixture

@@ -48,6 +48,15 @@ def test_logits_are_computed_once_then_served_from_cache(tmp_path):
     assert m.network.calls > calls  # another split is another key
 
 
+def test_outputs_of_another_inference_form_are_not_reused(tmp_path, monkeypatch):
+    m = member("e" * 64)
+    member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")
+    calls = m.network.calls
+    monkeypatch.setattr("flexens.calibration.cache.INFERENCE_FORM", "another-form/2")
+    member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")
+    assert m.network.calls > calls
+
+
 def test_a_foreign_or_damaged_cache_entry_is_rebuilt(tmp_path):
     m = member("b" * 64)
     member_logits(m, loader(), torch.device("cpu"), tmp_path, "split", "t")

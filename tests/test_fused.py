@@ -5,20 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import small_members as networks
 from flexens.ensemble import FlexibleEnsembleModule, run_full
 from flexens.fused import FusedMembers, can_fuse
 from flexens.members.networks import SmallConvNet
-
-
-def networks(count: int = 4, seed: int = 0) -> list[torch.nn.Module]:
-    torch.manual_seed(seed)
-    nets = [SmallConvNet(num_classes=10, in_chans=3, width=4, depth=2) for _ in range(count)]
-    for net in nets:  # non-trivial BatchNorm statistics, as in trained members
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return [n.eval() for n in nets]
 
 
 def test_fused_full_ensemble_matches_the_sequential_loop(one_thread):

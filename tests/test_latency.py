@@ -89,6 +89,8 @@ def test_a_profile_for_other_conditions_is_stale(profile):
     assert any("input_shape" in p for p in profile_problems(profile, CPU, 4, [3, 32, 32]))
     old = {k: v for k, v in profile.items() if k != "format"}
     assert "format None" in profile_problems(old, CPU, 4, [3, 8, 8])[0]
+    unfolded = {**profile, "network_form": "unfolded"}  # members timed in another form
+    assert any("network_form" in p for p in profile_problems(unfolded, CPU, 4, [3, 8, 8]))
 
 
 def test_an_old_stored_profile_is_measured_again_with_a_note(profile, tmp_path, capsys):
@@ -169,6 +171,7 @@ def test_configurations_are_reported_with_the_thread_count_they_ran_at(one_threa
 BAD_PROFILES = {
     "not-json": (lambda p: "[1, 2", "is not readable JSON"),
     "old-format": (lambda p: {**p, "format": None}, "has format None"),
+    "no-network-form": (lambda p: {**p, "network_form": None}, "network_form"),
     "nan-cost": (
         lambda p: {**p, "members": [{**p["members"][0], "batch1_ms": float("nan")}]},
         "must hold finite numbers",

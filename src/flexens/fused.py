@@ -1,4 +1,4 @@
-"""Members of one architecture run as one fused call: ``stack_module_state`` + ``vmap``.
+"""Members of one architecture run as one fused call: stacked weights + ``vmap``.
 
 At batch 1 on a CPU a small network is dominated by per-operator dispatch, not arithmetic:
 five members one after another pay that cost five times, the fused call once (the stacked
@@ -16,24 +16,45 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
+from torch.fx import GraphModule
 
 from flexens.halting import running_mean
 
 
 def architecture_key(network: nn.Module) -> tuple:
-    """What two networks must share to be stacked: class and every parameter/buffer shape."""
+    """What two networks must share to be stacked: class (for a ``torch.fx`` graph, as folded
+    members are, its code), every submodule's class, and every parameter/buffer shape."""
     shapes = tuple(
         (name, tuple(t.shape), t.dtype)
         for name, t in [*network.named_parameters(), *network.named_buffers()]
     )
-    return (type(network).__qualname__, shapes)
+    layers = tuple((name, type(m).__qualname__) for name, m in network.named_modules() if name)
+    kind = network.code if isinstance(network, GraphModule) else type(network).__qualname__
+    return (kind, layers, shapes)
 
 
 def can_fuse(networks: Sequence[nn.Module]) -> bool:
     """Whether all ``networks`` share one architecture (and there are at least two)."""
     return len(networks) >= 2 and len({architecture_key(n) for n in networks}) == 1
+
+
+def stacked_state(networks: Sequence[nn.Module]) -> tuple[dict, dict]:
+    """Every parameter and buffer stacked along a new first dim: ``stack_module_state`` without
+    its same-class check, which ``torch.fx`` graphs (a class per instance, as folded members
+    are) fail; :func:`can_fuse` has checked they share one architecture."""
+    first = networks[0]
+    params = {
+        name: torch.stack([dict(n.named_parameters())[name] for n in networks]).detach()
+        for name, _ in first.named_parameters()
+    }
+    buffers = {
+        name: torch.stack([dict(n.named_buffers())[name] for n in networks])
+        for name, _ in first.named_buffers()
+    }
+    return params, buffers
 
 
 class FusedMembers(nn.Module):
@@ -52,7 +73,7 @@ class FusedMembers(nn.Module):
                 "run them sequentially (infer.fused=false)"
             )
         networks = [n.eval() for n in networks]
-        params, buffers = stack_module_state(networks)
+        params, buffers = stacked_state(networks)
         self.num_members = len(networks)
         self._names = (list(params), list(buffers))
         for i, t in enumerate([*params.values(), *buffers.values()]):

@@ -12,8 +12,8 @@ repeats stop as soon as that mean is stable or the time budget is spent. Members
 architecture do the same arithmetic, so their costs must agree: one that does not is
 measured again, and replaced by its twins' median with a warning if it still disagrees.
 Thread count changes a small network's cost by 2× on a CPU, so it is chosen per batch size
-and recorded with the device, the batch size and the torch version; a profile measured
-under other conditions is stale and measured again.
+and recorded with the device, the batch size, the torch version and the members'
+inference form; a profile measured under other conditions is stale and measured again.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from flexens.calibration.schema import PROFILE_FORMAT
 from flexens.execution import run_flexible
 from flexens.fused import FusedMembers, architecture_key, can_fuse
 from flexens.halting import Criterion
+from flexens.members.inference_form import INFERENCE_FORM
 
 OUTLIER_TOLERANCE = 0.25
 """Members of one architecture whose costs differ from their twins' median by more than
@@ -459,6 +460,7 @@ def latency_profile(
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
+        "network_form": INFERENCE_FORM,
         "thread_candidates": candidates,
         "threads": {"batch1": int(best["batch1_ms"]), "batched": int(best["batched_ms_per_image"])},
         "batch_size": batch_size,
@@ -550,6 +552,7 @@ def profile_problems(
     expected = {
         "device": device_name(device),
         "torch": torch.__version__,
+        "network_form": INFERENCE_FORM,
         "thread_candidates": thread_candidates(device),
         "batch_size": int(batch_size),
         "input_shape": list(input_shape),

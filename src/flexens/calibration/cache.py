@@ -1,8 +1,9 @@
 """Member outputs on a split, computed once and cached on disk.
 
-The key is the checkpoint's hash, the split's fingerprint and the evaluation transform: a
-λ sweep or a change of criterion never re-runs the networks, and a retrained member or a
-changed split can never be served stale logits. Every entry also stores its own key
+The key is the checkpoint's hash, the form the network runs in (BatchNorm folded), the
+split's fingerprint and the evaluation transform: a λ sweep or a change of criterion never
+re-runs the networks, and a retrained member, a changed split or another inference form can
+never be served stale logits. Every entry also stores its own key
 fields, checked on load, so a damaged or foreign file is rebuilt, not trusted.
 """
 
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from flexens.artifacts import fingerprint, torch_save
+from flexens.members.inference_form import INFERENCE_FORM
 from flexens.members.registry import Member
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ def member_logits(
     """``(logits (S, C), labels (S,))`` of one member on one split, from cache if valid."""
     key_fields = {
         "member_sha256": member.sha256,
+        "network_form": INFERENCE_FORM,
         "split": split_fingerprint,
         "transform": transform,
     }

@@ -17,7 +17,7 @@ THRESHOLDS_FORMAT = "flexens-thresholds-v3"
 """v3: front points name their latency `expected_latency_ms` like every summary (v2: `latency_ms`)."""
 RECALIBRATE = "recalibrate: python calibrate.py"
 PROFILE_FIX = "delete it to measure again (or drop calibrate.latency_profile)"
-PROFILE_FORMAT = "flexens-latency-profile-v3"
+PROFILE_FORMAT = "flexens-latency-profile-v4"
 """Written by :func:`flexens.latency.latency_profile` (which imports it from here)."""
 
 
@@ -112,9 +112,10 @@ def validate_profile(data: dict, path: Path) -> dict:
     if data.get("format") != PROFILE_FORMAT:
         raise ValueError(
             f"{what} {str(path)!r} has format {data.get('format')!r}, this flexens reads "
-            f"{PROFILE_FORMAT!r} (it records threads, fused costs and per-image cost by "
-            f"batch size); {fix}"
+            f"{PROFILE_FORMAT!r} (it records the members' inference form, threads, fused "
+            f"costs and per-image cost by batch size); {fix}"
         )
+    _field(data, "network_form", str, path, what, fix)
     threads = _field(data, "threads", dict, path, what, fix)
     for key in ("batch1", "batched"):
         _field(threads, key, int, path, f"{what} (threads)", fix)

@@ -22,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from flexens.artifacts import write_bytes, write_json
+from flexens.members.inference_form import inference_network
 from flexens.members.networks import create_network
 from flexens.members.record import (
     FORMAT,
@@ -208,7 +209,8 @@ def load_member(
 
     The weights are read once into memory and hashed; only bytes whose hash matches the
     record (and ``expect_sha256``, the hash thresholds.json pinned) reach the safetensors
-    parser, which builds tensors and nothing else.
+    parser, which builds tensors and nothing else. The network comes back in its inference
+    form (:mod:`flexens.members.inference_form`), the one every inference path runs.
     """
     path = Path(path)
     record = read_record(path)
@@ -241,7 +243,7 @@ def load_member(
         ) from None
     check_tensors(path, tensors, network, record.arch)
     network.load_state_dict(tensors, strict=True)
-    network.eval()
+    network = inference_network(network)
     file_seed = _seed_of(path)
     if file_seed is not None and record.seed is not None and file_seed != record.seed:
         raise ValueError(

@@ -47,12 +47,13 @@ from flexens.latency import (  # noqa: E402
     interleaved,
     machine_info,
     measure_configurations,
+    num_threads,
     reach_fractions,
     resolve_device,
     stage_costs_ms,
 )
 from flexens.members.module import MemberModule  # noqa: E402
-from flexens.members.registry import load_ensemble  # noqa: E402
+from flexens.members.registry import load_ensemble, load_member  # noqa: E402
 from flexens.memo import SweepMemo  # noqa: E402
 from flexens.reporting.plots import plot_accuracy_vs_latency  # noqa: E402
 from flexens.tasks.calibrate import calibrate  # noqa: E402
@@ -255,6 +256,35 @@ def full_vs_loop(networks, singles, stream, args) -> dict:
     return ratios
 
 
+def inference_form_gain(member, singles, stream, args) -> dict:
+    """A member in its inference form (what every row runs) against the same weights as
+    trained (BatchNorm, NCHW), interleaved at 1 and 2 threads; each form at its best count."""
+    forms = {
+        "inference": member.network,
+        "trained": load_member(member.path, inference_form=False).network,
+    }
+    gains = {}
+    for name, x, rounds in (("batch1", singles[:1], 300), ("batch", stream[: args.batch_size], 20)):
+        fns = {
+            (form, threads): (lambda net=net, threads=threads, x=x: _run_at(net, x, threads))
+            for form, net in forms.items()
+            for threads in (1, 2)
+        }
+        with num_threads(torch.get_num_threads()):  # restored afterwards
+            times = interleaved(fns, rounds, warmup=3)
+        means = {k: float(np.mean(t)) for k, t in times.items()}
+        best = {
+            form: min(means[(form, threads)] for threads in (1, 2)) / len(x) * 1e3 for form in forms
+        }
+        gains[name] = {"trained_ms": best["trained"], "inference_ms": best["inference"]}
+    return gains
+
+
+def _run_at(network, x, threads: int):
+    torch.set_num_threads(threads)
+    return network(x)
+
+
 FUSED_NAME = "full ensemble (fused)"
 FUSED_CONTINUATION = "flexible margin λ=10 (default), fused after stage 1"
 """The default point with fused continuation: undecided samples run members 2..N in one call."""
@@ -446,6 +476,7 @@ def run(args) -> dict:
     )
     overheads = {
         "full_vs_loop": full_vs_loop(networks, singles, stream, args),
+        "inference_form": inference_form_gain(members[0], singles, stream, args),
         "training": lightning_vs_plain(
             compose_cfg("train", [*base, *args.train_overrides]), args.train_batches
         ),
@@ -638,6 +669,18 @@ def targets(result: dict) -> str:
             f"`full` mode vs plain loop ≤ 1.03× (batch {result['batch_size']})",
             over["full_vs_loop"]["batch"] <= 1.03,
             f"{over['full_vs_loop']['batch']:.3f}×",
+        ),
+        *(
+            (
+                f"member in its inference form vs as trained, {label}: faster",
+                form["trained_ms"] > form["inference_ms"],
+                f"{form['trained_ms'] / form['inference_ms']:.2f}× ({form['inference_ms']:.3f} "
+                f"vs {form['trained_ms']:.3f} ms per image)",
+            )
+            for label, form in (
+                ("batch 1", over["inference_form"]["batch1"]),
+                (f"batch {result['batch_size']}", over["inference_form"]["batch"]),
+            )
         ),
         (
             "Lightning training throughput ≥ 0.9× a plain loop",

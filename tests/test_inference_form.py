@@ -60,6 +60,12 @@ def test_a_loaded_member_is_in_its_inference_form(tmp_path):
     path = save_member(tmp_path / "seed=0.safetensors", net, arch, meta)
     member = load_member(path)
     assert batch_norms(member.network) == 0 and not member.network.training
+    trained = load_member(path, inference_form=False).network
+    assert batch_norms(trained) > 0 and not trained.training
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(trained.state_dict().values(), net.state_dict().values(), strict=True)
+    )
     x = torch.randn(4, 3, 12, 12)
     with torch.inference_mode():
         torch.testing.assert_close(member.network(x), net(x), rtol=1e-5, atol=1e-5)

@@ -203,14 +203,18 @@ def check_tensors(path: Path, tensors: dict, network: nn.Module, arch: dict) -> 
 
 
 def load_member(
-    path: str | Path, expect_sha256: str | None = None, calibrated_in: str | Path | None = None
+    path: str | Path,
+    expect_sha256: str | None = None,
+    calibrated_in: str | Path | None = None,
+    inference_form: bool = True,
 ) -> Member:
     """Read, verify, then deserialise a member; every bad file is a one-line error.
 
     The weights are read once into memory and hashed; only bytes whose hash matches the
     record (and ``expect_sha256``, the hash thresholds.json pinned) reach the safetensors
     parser, which builds tensors and nothing else. The network comes back in its inference
-    form (:mod:`flexens.members.inference_form`), the one every inference path runs.
+    form (:mod:`flexens.members.inference_form`), the one every inference path runs, or with
+    ``inference_form=False`` as it was trained (the benchmark times one against the other).
     """
     path = Path(path)
     record = read_record(path)
@@ -243,7 +247,7 @@ def load_member(
         ) from None
     check_tensors(path, tensors, network, record.arch)
     network.load_state_dict(tensors, strict=True)
-    network = inference_network(network)
+    network = inference_network(network) if inference_form else network.eval()
     file_seed = _seed_of(path)
     if file_seed is not None and record.seed is not None and file_seed != record.seed:
         raise ValueError(

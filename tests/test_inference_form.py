@@ -55,8 +55,12 @@ def test_a_network_fx_cannot_trace_runs_unfolded():
 def test_a_loaded_member_is_in_its_inference_form(tmp_path):
     (net,) = small_members(1)
     arch = {"arch": "small_cnn", "num_classes": 10, "in_chans": 3, "width": 4, "depth": 2}
-    meta = {"seed": 0, "num_classes": 10, "class_names": list("0123456789")}
-    meta["calib_fingerprint"] = "calib"
+    meta = {
+        "seed": 0,
+        "num_classes": 10,
+        "class_names": list("0123456789"),
+        "calib_fingerprint": "c",
+    }
     path = save_member(tmp_path / "seed=0.safetensors", net, arch, meta)
     member = load_member(path)
     assert batch_norms(member.network) == 0 and not member.network.training

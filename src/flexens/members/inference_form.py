@@ -4,9 +4,10 @@ convolution before it, 4-D weights in channels_last.
 Why: at batch 1 on a CPU, PyTorch sends a 3×3 convolution on a small NCHW input to its
 reference im2col kernel (oneDNN only takes it for larger inputs), and every BatchNorm is
 one more pass over the activations. Channels_last weights route every convolution to
-oneDNN, and folding removes the BatchNorm passes. On the 2-core benchmark VM this makes the
-CIFAR-10 member 1.5–1.9× faster at batch sizes 1 to 256 (BENCHMARKS.md); for the paper's
-ResNet-50 and AlexNet at 224 px the gain is within noise, and nothing gets slower.
+oneDNN, and folding removes the BatchNorm passes. In the CIFAR-10 benchmark on the 2-core
+VM this makes a member 1.3× faster at batch 1 and 1.7× at batch 256 (BENCHMARKS.md, timed
+against the same weights as trained); larger inputs, such as the paper's 224-px ResNet-50,
+already ran in oneDNN and gain only the folding.
 
 The outputs change only by float rounding. Members are loaded in this form by
 :func:`flexens.members.registry.load_member`, the one loader behind calibration (its cached
@@ -30,10 +31,10 @@ INFERENCE_FORM = "bn-folded+channels_last/1"
 
 
 def inference_network(network: nn.Module) -> nn.Module:
-    """``network`` (a trained member) folded for inference, in eval mode; a new module.
+    """``network`` (a trained member) folded for inference, in eval mode: a new module.
 
     Folding needs a ``torch.fx`` trace; a network with data-dependent control flow cannot
-    be traced and keeps its BatchNorm layers (its outputs are then exactly the original's).
+    be traced, keeps its BatchNorm layers and comes back itself, in channels_last.
     """
     network = network.eval()
     try:

@@ -45,6 +45,7 @@ from flexens.latency import (  # noqa: E402
     expected_latency_ms,
     expected_throughput,
     interleaved,
+    latency_profile,
     machine_info,
     measure_configurations,
     num_threads,
@@ -280,6 +281,38 @@ def inference_form_gain(member, singles, stream, args) -> dict:
     return gains
 
 
+def drift_check(profile: dict, members, networks, example, timings: dict, cfg) -> dict:
+    """The members profiled again after the timing, as at the start: whether the stored
+    profile's gap is the machine's drift (then the late profile moves with the timing) or the
+    profile's way of measuring (then it stays with the early one). Mean over the members,
+    ms per image."""
+    late = latency_profile(
+        networks,
+        [m.sha256 for m in members],
+        example,
+        profile["batch_size"],
+        resolve_device("cpu"),
+        get_criterion("margin"),
+        members[0].num_classes,
+        seconds=float(cfg.calibrate.profile_seconds),
+    )
+    rows = [timings[member_row(m)] for m in members]
+    return {
+        "batch1_ms": {
+            "profile_start": float(np.mean([m["batch1_ms"] for m in profile["members"]])),
+            "profile_end": float(np.mean([m["batch1_ms"] for m in late["members"]])),
+            "timed": float(np.mean([r["latency_mean_ms"] for r in rows])),
+        },
+        "batched_ms_per_image": {
+            "profile_start": float(
+                np.mean([m["batched_ms_per_image"] for m in profile["members"]])
+            ),
+            "profile_end": float(np.mean([m["batched_ms_per_image"] for m in late["members"]])),
+            "timed": float(np.mean([1e3 / r["throughput_img_s"] for r in rows])),
+        },
+    }
+
+
 def _run_at(network, x, threads: int):
     torch.set_num_threads(threads)
     return network(x)
@@ -422,6 +455,7 @@ def run(args) -> dict:
         every_thread_count_at_batch1=True,
     )
     full_name = f"full ensemble k={len(members)}"
+    drift = drift_check(profile, members, networks, singles[:1], timings, cfg)
 
     def top1(name):
         return float((outputs[name].prediction.numpy() == labels_np).mean())
@@ -504,6 +538,7 @@ def run(args) -> dict:
         "latency_images": len(singles),
         "batch_size": args.batch_size,
         "latency_profile": profile,
+        "drift": drift,
         "rows": rows,
         "checks": checks,
         "overheads": overheads,
@@ -693,12 +728,22 @@ def targets(result: dict) -> str:
     lines += [f"| {name} | {'PASS' if ok else 'MISS'} | {figure} |" for name, ok, figure in checks]
     search = max(over["search_seconds"].values())
     profile = result["latency_profile"]
+    one, batched = result["drift"]["batch1_ms"], result["drift"]["batched_ms_per_image"]
     lines += [
         "",
         f"Threshold search time (slowest of the calibrations above): {search:.3f} s. Latency "
         f"profile: {profile.get('profiling_s', float('nan')):.1f} s to measure, threads chosen "
         f"{profile['threads']['batch1']} at batch 1 and {profile['threads']['batched']} at batch "
         f"{profile['batch_size']}.",
+        "",
+        "Drift check (members profiled again after the timing; mean over the members, ms per "
+        f"image): batch 1 {one['profile_start']:.3f} in the profile at the start, "
+        f"{one['timed']:.3f} in the timing (member rows, their one-stage bookkeeping "
+        f"included), {one['profile_end']:.3f} in the "
+        f"profile at the end; batch {profile['batch_size']} {batched['profile_start']:.3f}, "
+        f"{batched['timed']:.3f}, {batched['profile_end']:.3f}. A late profile that moves "
+        "with the timing says the machine drifted; one that stays with the early profile says "
+        "the profile measures differently from the timing.",
     ]
     return "\n".join(lines) + "\n"
 

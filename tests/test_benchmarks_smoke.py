@@ -108,6 +108,8 @@ def test_cifar10_benchmark_pipeline_end_to_end_on_digits(tmp_path):
     for batch in ("batch1", "batch"):  # the inference form timed against the trained form
         form = report["overheads"]["inference_form"][batch]
         assert form["inference_ms"] > 0 and form["trained_ms"] > 0
+    for figures in report["drift"].values():  # the members profiled again after the timing
+        assert min(figures.values()) > 0
     assert (tmp_path / "results" / "cifar10_accuracy_vs_latency.png").read_bytes()[:4] == b"\x89PNG"
     assert (
         "| target | result | measured |" in (tmp_path / "results" / "cifar10_table.md").read_text()

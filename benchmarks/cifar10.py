@@ -13,6 +13,7 @@ size; batch-1 latency is timed image by image on the first ``--latency-images`` 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from flexens.fused import FusedMembers, can_fuse  # noqa: E402
 from flexens.halting import get_criterion  # noqa: E402
 from flexens.inference import add_expectations, fastest_full  # noqa: E402
 from flexens.latency import (  # noqa: E402
+    at_threads,
     expected_latency_ms,
     expected_throughput,
     interleaved,
@@ -267,7 +269,7 @@ def inference_form_gain(member, singles, stream, args) -> dict:
     gains = {}
     for name, x, rounds in (("batch1", singles[:1], 300), ("batch", stream[: args.batch_size], 20)):
         fns = {
-            (form, threads): (lambda net=net, threads=threads, x=x: _run_at(net, x, threads))
+            (form, threads): functools.partial(at_threads(net, threads), x)
             for form, net in forms.items()
             for threads in (1, 2)
         }
@@ -311,11 +313,6 @@ def drift_check(profile: dict, members, networks, example, timings: dict, cfg) -
             "timed": float(np.mean([1e3 / r["throughput_img_s"] for r in rows])),
         },
     }
-
-
-def _run_at(network, x, threads: int):
-    torch.set_num_threads(threads)
-    return network(x)
 
 
 FUSED_NAME = "full ensemble (fused)"

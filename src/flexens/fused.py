@@ -50,16 +50,12 @@ def stacked_state(networks: Sequence[nn.Module]) -> tuple[dict, dict]:
     def stack(tensors: list[Tensor]) -> Tensor:
         return torch.stack(tensors).detach().contiguous()
 
-    first = networks[0]
-    params = {
-        name: stack([dict(n.named_parameters())[name] for n in networks])
-        for name, _ in first.named_parameters()
-    }
-    buffers = {
-        name: stack([dict(n.named_buffers())[name] for n in networks])
-        for name, _ in first.named_buffers()
-    }
-    return params, buffers
+    params = [dict(n.named_parameters()) for n in networks]
+    buffers = [dict(n.named_buffers()) for n in networks]
+    return (
+        {name: stack([p[name] for p in params]) for name in params[0]},
+        {name: stack([b[name] for b in buffers]) for name in buffers[0]},
+    )
 
 
 class FusedMembers(nn.Module):

@@ -653,7 +653,7 @@ def measure_configurations(
             set(fns) if kind == "batch1" and every_thread_count_at_batch1 else set()
         )
         pairs = {
-            (n, t): _at_threads(fns[n], t)
+            (n, t): at_threads(fns[n], t)
             for t in candidates
             for n in fns
             if n in everywhere or t == threads[kind]
@@ -676,7 +676,7 @@ def measure_configurations(
     return results
 
 
-def _at_threads(fn: Callable[[torch.Tensor], object], threads: int) -> Callable:
+def at_threads(fn: Callable[[torch.Tensor], object], threads: int) -> Callable:
     """``fn`` run with ``threads`` intra-op threads (set inside the timed call: a few µs)."""
 
     def run(x: torch.Tensor) -> object:

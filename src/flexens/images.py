@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from flexens.data.kernels import fast_transform
+
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
@@ -146,6 +148,7 @@ def load_images(
     phone photos reach the model upright, as the user sees them. Everything is held in memory:
     for large folders call this on chunks of ``paths``.
     """
+    transform = fast_transform(transform)
     tensors: list[torch.Tensor] = []
     loaded: list[Path] = []
     failures: list[tuple[Path, str]] = []
@@ -212,7 +215,9 @@ def decode_image(
 
     A server must refuse a bad body without harm: the pixel count is checked from the header
     before a single pixel is decoded, so a 20,000 × 20,000 PNG of a few kilobytes costs no
-    memory. Every failure is an :class:`ImageRejected` with a one-line reason.
+    memory. Every failure is an :class:`ImageRejected` with a one-line reason. A server
+    passes ``transform`` through :func:`flexens.data.kernels.fast_transform` once, not here
+    for every request.
     """
     if not data:
         raise ImageRejected("empty body; send the bytes of an image file")

@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 from flexens.artifacts import fingerprint, torch_save
 from flexens.data.base import EnsembleDataModule
+from flexens.data.kernels import fast_transform
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -51,7 +52,8 @@ class DecodedImages(Dataset):
     """A uint8 image tensor with labels, transformed per sample on access."""
 
     def __init__(self, images: torch.Tensor, targets: list[int], transform) -> None:
-        self.images, self.targets, self.transform = images, targets, transform
+        self.images, self.targets = images, targets
+        self.transform = fast_transform(transform)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -189,10 +191,10 @@ class ImageFolderDataModule(EnsembleDataModule):
                 DecodedImages(test_images, list(test.targets), self._after_decode(False)),
             )
         plain = datasets.ImageFolder(
-            str(self.root / self.train_split), transform=self.eval_transform()
+            str(self.root / self.train_split), transform=fast_transform(self.eval_transform())
         )
         train.transform = self.train_transform()
-        test.transform = self.eval_transform()
+        test.transform = fast_transform(self.eval_transform())
         return train, plain, test
 
     def _after_decode(self, augment: bool) -> v2.Compose:

@@ -17,6 +17,7 @@ import torch
 from litserve import server as litserve_server
 
 from flexens.calibration.schema import Calibration
+from flexens.data.kernels import fast_transform
 from flexens.images import decode_image
 from flexens.inference import load_calibrated_members
 from flexens.latency import resolve_device
@@ -48,7 +49,10 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         costs = tuple(p.expected_ms for p in ladder)
         policy = SloPolicy(settings.slo_ms, costs, **settings.slo)
     decode = functools.partial(
-        decode_image, in_chans=in_chans, transform=image_transform, max_pixels=settings.max_pixels
+        decode_image,
+        in_chans=in_chans,
+        transform=fast_transform(image_transform),
+        max_pixels=settings.max_pixels,
     )
     gate = {
         "front": front,

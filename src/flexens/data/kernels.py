@@ -1,0 +1,124 @@
+"""Deterministic torchvision v2 pipelines run as their kernels: same arithmetic, no dispatch.
+
+A v2 transform finds the kernel for its input at every call by flattening the input as a
+pytree and looking its type up in a registry. On a 32×32 image that bookkeeping is nearly
+all the cost: the CIFAR evaluation pipeline (ToImage, Resize, CenterCrop, ToDtype,
+Normalize) takes about 0.4 ms per image, of which the arithmetic is a few tens of µs. A
+server pays it for every request in its HTTP process, and ``infer.py`` and calibration for
+every image. :func:`as_kernels` turns such a pipeline into a :class:`KernelPipeline` that
+calls the very kernels the transforms would call, with the same arguments, so its output
+equals the pipeline's bit for bit. A pipeline holding anything else (a random transform,
+a transform this module does not know) is not converted, and callers keep it as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+
+def _to_plain_image(image: Any) -> torch.Tensor:
+    """``v2.ToImage``'s conversion (PIL, ndarray or tensor to C×H×W) as a plain tensor:
+    ``F.to_image`` without its final wrapping into a ``tv_tensors.Image``."""
+    if isinstance(image, PIL.Image.Image):
+        return F.pil_to_tensor(image)
+    return F.to_image(image).as_subclass(torch.Tensor)
+
+
+@dataclass(frozen=True)
+class KernelPipeline:
+    """Kernel calls in order; picklable (module-level functions and plain arguments), so a
+    DataLoader can send it to worker processes."""
+
+    steps: tuple[tuple[Callable, dict], ...]
+    transform: Callable
+    """The pipeline it was made from: what runs on a non-tensor input (a PIL image) when the
+    steps do not start with ``ToImage``, since kernels take tensors only."""
+
+    @property
+    def starts_with_to_image(self) -> bool:
+        return bool(self.steps) and self.steps[0][0] is _to_plain_image
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor) and not self.starts_with_to_image:
+            return self.transform(image)
+        for kernel, kwargs in self.steps:
+            image = kernel(image, **kwargs)
+        return image
+
+
+def _steps(transform: Any) -> list[tuple[Callable, dict]] | None:
+    """The kernel calls ``transform`` makes on an image, or None if it is not convertible."""
+    kind = type(transform)
+    if kind is v2.Compose:
+        steps: list[tuple[Callable, dict]] = []
+        for inner in transform.transforms:
+            inner_steps = _steps(inner)
+            if inner_steps is None:
+                return None
+            steps.extend(inner_steps)
+        return steps
+    if kind is v2.ToImage:
+        return [(_to_plain_image, {})]
+    if kind is v2.Resize:
+        kwargs = {
+            "size": transform.size,
+            "interpolation": transform.interpolation,
+            "max_size": transform.max_size,
+            "antialias": transform.antialias,
+        }
+        return [(F.resize_image, kwargs)]
+    if kind is v2.CenterCrop:
+        return [(F.center_crop_image, {"output_size": list(transform.size)})]
+    if kind is v2.ToDtype and isinstance(transform.dtype, torch.dtype):
+        return [(F.to_dtype_image, {"dtype": transform.dtype, "scale": transform.scale})]
+    if kind is v2.Normalize and all(transform.std):
+        return [(_Normalize(tuple(transform.mean), tuple(transform.std), transform.inplace), {})]
+    if kind is v2.Lambda and any(issubclass(torch.Tensor, t) for t in transform.types):
+        return [(_call, {"function": transform.lambd})]
+    return None
+
+
+class _Normalize:
+    """``F.normalize_image`` with its mean and std made tensors once per dtype and device,
+    not at every call (half its cost on a small image); the arithmetic is the kernel's."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], inplace: bool) -> None:
+        self.mean, self.std, self.inplace = mean, std, inplace
+        self._stats: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"Input tensor should be a float tensor. Got {image.dtype}.")
+        key = (image.dtype, image.device)
+        if key not in self._stats:
+            as_column = {"dtype": image.dtype, "device": image.device}
+            self._stats[key] = (
+                torch.as_tensor(self.mean, **as_column).view(-1, 1, 1),
+                torch.as_tensor(self.std, **as_column).view(-1, 1, 1),
+            )
+        mean, std = self._stats[key]
+        image = image.sub_(mean) if self.inplace else image.sub(mean)
+        return image.div_(std)
+
+
+def _call(image: torch.Tensor, function: Callable) -> torch.Tensor:
+    return function(image)
+
+
+def as_kernels(transform: Any) -> KernelPipeline | None:
+    """``transform`` as direct kernel calls, or None when it holds a transform that is
+    random or unknown here (the caller then runs ``transform`` itself)."""
+    steps = _steps(transform)
+    return None if steps is None else KernelPipeline(tuple(steps), transform)
+
+
+def fast_transform(transform: Callable) -> Callable:
+    """The kernel form of ``transform`` where there is one, else ``transform`` itself."""
+    return as_kernels(transform) or transform

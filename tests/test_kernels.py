@@ -1,0 +1,68 @@
+"""Transform pipelines run as their kernels: bit for bit what the v2 pipelines give."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from flexens.data import DigitsDataModule, ImageFolderDataModule
+from flexens.data.kernels import KernelPipeline, as_kernels, fast_transform
+
+
+def _photo(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
+    """Smooth colour with noise, like a photo: JPEG's subsampling and IDCT have work to do."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC)).astype(int)
+    noisy = smooth + rng.integers(0, 40, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).convert(mode)
+
+
+def _pipelines() -> dict[str, v2.Compose]:
+    cifar = ImageFolderDataModule(root="unused", preset="cifar", image_size=32)
+    imagenet = ImageFolderDataModule(root="unused", preset="imagenet", image_size=32)
+    return {
+        "cifar": cifar.image_transform(),
+        "imagenet": imagenet.image_transform(),  # resizes 50×40 to 37 then crops 32
+        "digits": DigitsDataModule().image_transform(),  # holds a v2.Lambda
+    }
+
+
+@pytest.mark.parametrize("name", ["cifar", "imagenet", "digits"])
+def test_kernels_give_the_pipelines_output_bit_for_bit(name: str) -> None:
+    pipeline = _pipelines()[name]
+    kernels = as_kernels(pipeline)
+    assert isinstance(kernels, KernelPipeline) and kernels.starts_with_to_image
+    for seed, size in enumerate([(32, 32), (50, 40), (17, 61)]):
+        image = _photo(size, seed, "L" if name == "digits" else "RGB")
+        expected, got = pipeline(image), kernels(image)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got, expected.as_subclass(torch.Tensor))
+
+
+def test_tensor_stages_of_decoded_images_convert_too() -> None:
+    """The cached-decode path feeds uint8 tensors to ToDtype + Normalize."""
+    stages = v2.Compose(
+        ImageFolderDataModule(root="unused", preset="cifar").tensor_stages(augment=False)
+    )
+    pixels = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(as_kernels(stages)(pixels), stages(pixels))
+
+
+def test_random_unknown_or_invalid_transforms_are_left_alone() -> None:
+    train = ImageFolderDataModule(root="unused", preset="cifar").train_transform()
+    assert as_kernels(train) is None  # random crop and flip: the pipeline's own RNG use
+    assert as_kernels(v2.Compose([v2.ToImage(), v2.Grayscale()])) is None
+    assert as_kernels(v2.Normalize([0.5], [0.0])) is None  # v2 raises at call time; keep it
+    assert fast_transform(train) is train
+
+
+def test_kernel_pipeline_pickles_for_dataloader_workers() -> None:
+    kernels = as_kernels(_pipelines()["cifar"])
+    image = _photo((32, 32), 0)
+    assert torch.equal(pickle.loads(pickle.dumps(kernels))(image), kernels(image))

@@ -172,6 +172,29 @@ def test_guarantee_benchmark_writes_its_table(tmp_path):
     assert "| procedure | ε (pp) | violation rate |" in result.stdout
 
 
+def test_decode_benchmark_times_both_forms_and_compares_them(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        folder = tmp_path / "tree" / "test" / f"class{i}"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(folder / "a.jpg")
+    out = tmp_path / "decode.json"
+    args = ["--root", str(tmp_path / "tree"), "--images", "3", "--rounds", "2", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["identical"] is True and report["images"] == 3
+    assert report["kernels"]["mean_us"] > 0 and report["v2 pipeline"]["mean_us"] > 0
+    assert "| kernels (`fast_transform`) |" in result.stdout
+
+
 def test_a_generated_section_replaces_only_its_own_markers(tmp_path):
     from flexens.artifacts import replace_marked_section
 

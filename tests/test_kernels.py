@@ -15,7 +15,7 @@ from flexens.data.kernels import KernelPipeline, as_kernels, fast_transform
 
 
 def _photo(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
-    """Smooth colour with noise, like a photo: JPEG's subsampling and IDCT have work to do."""
+    """Smooth colour with noise, like a photo, so that resizing has real work to do."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
     smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC)).astype(int)

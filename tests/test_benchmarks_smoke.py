@@ -172,17 +172,17 @@ def test_guarantee_benchmark_writes_its_table(tmp_path):
     assert "| procedure | ε (pp) | violation rate |" in result.stdout
 
 
-def test_decode_benchmark_times_both_forms_and_compares_them(tmp_path):
+def test_transforms_benchmark_times_both_forms_and_compares_them(tmp_path):
     from PIL import Image
 
     for i in range(3):
         folder = tmp_path / "tree" / "test" / f"class{i}"
         folder.mkdir(parents=True)
         Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(folder / "a.jpg")
-    out = tmp_path / "decode.json"
+    out = tmp_path / "transforms.json"
     args = ["--root", str(tmp_path / "tree"), "--images", "3", "--rounds", "2", "--out", str(out)]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), *args],
+        [sys.executable, str(ROOT / "benchmarks" / "transforms.py"), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -190,9 +190,11 @@ def test_decode_benchmark_times_both_forms_and_compares_them(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["identical"] is True and report["images"] == 3
-    assert report["kernels"]["mean_us"] > 0 and report["v2 pipeline"]["mean_us"] > 0
-    assert "| kernels (`fast_transform`) |" in result.stdout
+    assert report["images"] == 3 and len(report["paths"]) == 3
+    for path in report["paths"].values():
+        assert path["identical"] is True
+        assert path["v2"]["mean_us"] > 0 and path["fast"]["mean_us"] > 0
+    assert "| training sample (decoded split) |" in result.stdout
 
 
 def test_a_generated_section_replaces_only_its_own_markers(tmp_path):

@@ -54,12 +54,40 @@ def test_tensor_stages_of_decoded_images_convert_too() -> None:
     assert torch.equal(as_kernels(stages)(pixels), stages(pixels))
 
 
-def test_random_unknown_or_invalid_transforms_are_left_alone() -> None:
-    train = ImageFolderDataModule(root="unused", preset="cifar").train_transform()
-    assert as_kernels(train) is None  # random crop and flip: the pipeline's own RNG use
-    assert as_kernels(v2.Compose([v2.ToImage(), v2.Grayscale()])) is None
-    assert as_kernels(v2.Normalize([0.5], [0.0])) is None  # v2 raises at call time; keep it
-    assert fast_transform(train) is train
+@pytest.mark.parametrize("preset", ["cifar", "imagenet"])
+def test_training_augmentation_draws_and_augments_exactly_as_v2(preset: str) -> None:
+    """Random crops and flips run without the pytree but with the very same draws on torch's
+    global RNG: a seeded sequence of samples is identical, and so is the RNG afterwards."""
+    data = ImageFolderDataModule(root="unused", preset=preset, image_size=32)
+    pipelines = {
+        "decoded split": (v2.Compose(data.tensor_stages(augment=True)), "tensor"),
+        "image files": (data.train_transform(), "pil"),
+    }
+    for name, (pipeline, kind) in pipelines.items():
+        fast = as_kernels(pipeline)
+        assert fast is not None, name
+        images = [_photo((50, 40), seed) for seed in range(4)]
+        if kind == "tensor":
+            images = [v2.functional.pil_to_tensor(i) for i in images]
+        outputs = {}
+        for form, run in (("v2", pipeline), ("fast", fast)):
+            torch.manual_seed(0)
+            outputs[form] = [run(image) for image in images * 8]
+            outputs[form].append(torch.rand(3))  # the RNG's state after the samples
+        for expected, got in zip(outputs["v2"], outputs["fast"], strict=True):
+            assert torch.equal(got, expected.as_subclass(torch.Tensor)), name
+
+
+def test_transforms_with_their_own_forward_are_left_alone_and_errors_stay_v2s() -> None:
+    choice = v2.Compose([v2.ToImage(), v2.RandomApply([v2.Grayscale(3)], p=0.5)])
+    assert as_kernels(choice) is None  # RandomApply overrides forward: anything may happen
+    assert fast_transform(choice) is choice
+    zero_std = v2.Normalize([0.5], [0.0])
+    with pytest.raises(ValueError, match="std evaluated to zero"):
+        as_kernels(zero_std)(torch.rand(1, 4, 4))  # at call time, as v2 raises it
+    grey = v2.Compose([v2.ToImage(), v2.Grayscale(3)])  # keeps v2's forward: converted
+    image = _photo((20, 20), 0)
+    assert torch.equal(as_kernels(grey)(image), grey(image))
 
 
 def test_kernel_pipeline_pickles_for_dataloader_workers() -> None:

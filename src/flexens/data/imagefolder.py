@@ -193,7 +193,7 @@ class ImageFolderDataModule(EnsembleDataModule):
         plain = datasets.ImageFolder(
             str(self.root / self.train_split), transform=fast_transform(self.eval_transform())
         )
-        train.transform = self.train_transform()
+        train.transform = fast_transform(self.train_transform())
         test.transform = fast_transform(self.eval_transform())
         return train, plain, test
 

@@ -1,14 +1,25 @@
-"""Deterministic torchvision v2 pipelines run as their kernels: same arithmetic, no dispatch.
+"""Torchvision v2 pipelines without v2's per-call dispatch: the same tensors, and the same
+random draws, at a fraction of the cost.
 
 A v2 transform finds the kernel for its input at every call by flattening the input as a
 pytree and looking its type up in a registry. On a 32×32 image that bookkeeping is most of
 the cost: the CIFAR evaluation pipeline (ToImage, Resize, CenterCrop, ToDtype, Normalize)
-takes about 0.4 ms per image on one CPU thread, its kernels called directly about 0.18 ms. A
-server pays it for every request in its HTTP process, and ``infer.py`` and calibration for
-every image. :func:`as_kernels` turns such a pipeline into a :class:`KernelPipeline` that
-calls the very kernels the transforms would call, with the same arguments, so its output
-equals the pipeline's bit for bit. A pipeline holding anything else (a random transform,
-a transform this module does not know) is not converted, and callers keep it as it is.
+takes about 0.4 ms per image on one CPU thread, its kernels called directly about 0.18 ms.
+A server pays it for every request in its HTTP process, ``infer.py`` and calibration for
+every image, and training for every sample of every epoch (in the main process:
+``data.num_workers`` is 0 on a 2-core machine). :func:`as_kernels` turns a pipeline into a
+:class:`KernelPipeline`:
+
+- the deterministic transforms flexens' data modules use call their kernels directly, with
+  the arguments the transform would pass, so the output equals the pipeline's bit for bit;
+- any other transform that keeps v2's own ``forward`` (the random crops and flips among
+  them) runs as that ``forward`` does on one image, minus the pytree: the same input
+  checks, the same coin flip, ``make_params`` then ``transform``. Its draws on torch's
+  global RNG are the same calls in the same order, so a seeded run augments exactly as
+  before and leaves the RNG in the same state.
+
+A pipeline holding a transform with its own ``forward`` (``RandomApply``, ``RandomChoice``,
+...) is not converted, and callers keep it as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import PIL.Image
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2._transform import Transform, _RandomApplyTransform
 
 
 def _to_plain_image(image: Any) -> torch.Tensor:
@@ -33,8 +45,9 @@ def _to_plain_image(image: Any) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class KernelPipeline:
-    """Kernel calls in order. It pickles whenever its transforms do (a ``v2.Lambda``'s
-    function may not), so a DataLoader can send it to worker processes."""
+    """The calls a pipeline makes on one image, in order: kernels, or a transform's own
+    ``make_params`` and ``transform``. It pickles whenever its transforms do (a
+    ``v2.Lambda``'s function may not), so a DataLoader can send it to worker processes."""
 
     steps: tuple[tuple[Callable, dict], ...]
     transform: Callable
@@ -54,7 +67,7 @@ class KernelPipeline:
 
 
 def _steps(transform: Any) -> list[tuple[Callable, dict]] | None:
-    """The kernel calls ``transform`` makes on an image, or None if it is not convertible."""
+    """The calls ``transform`` makes on one image, or None if it is not convertible."""
     kind = type(transform)
     if kind is v2.Compose:
         steps: list[tuple[Callable, dict]] = []
@@ -82,7 +95,32 @@ def _steps(transform: Any) -> list[tuple[Callable, dict]] | None:
         return [(_Normalize(tuple(transform.mean), tuple(transform.std), transform.inplace), {})]
     if kind is v2.Lambda and any(issubclass(torch.Tensor, t) for t in transform.types):
         return [(_call, {"function": transform.lambd})]
+    if isinstance(transform, Transform) and kind.forward in _BASE_FORWARDS:
+        return [(_OneImage(transform), {})]
     return None
+
+
+_BASE_FORWARDS = (Transform.forward, _RandomApplyTransform.forward)
+"""The ``forward`` methods :class:`_OneImage` reproduces; a transform overriding them may
+do anything, and stays in its pipeline."""
+
+
+class _OneImage:
+    """A v2 transform applied to a single image as its ``forward`` applies it, without
+    flattening the input as a pytree: the input check, the ``p`` coin flip of a random-apply
+    transform, whether the input is of a type it transforms, ``make_params``, ``transform``."""
+
+    def __init__(self, transform: Transform) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> Any:
+        t = self.transform
+        t.check_inputs([image])
+        if isinstance(t, _RandomApplyTransform) and torch.rand(1) >= t.p:
+            return image
+        if not t._needs_transform_list([image])[0]:
+            return image
+        return t.transform(image, t.make_params([image]))
 
 
 class _Normalize:
@@ -113,12 +151,12 @@ def _call(image: torch.Tensor, function: Callable) -> torch.Tensor:
 
 
 def as_kernels(transform: Any) -> KernelPipeline | None:
-    """``transform`` as direct kernel calls, or None when it holds a transform that is
-    random or unknown here (the caller then runs ``transform`` itself)."""
+    """``transform`` without v2's dispatch, or None when it holds a transform with its own
+    ``forward`` (the caller then runs ``transform`` itself)."""
     steps = _steps(transform)
     return None if steps is None else KernelPipeline(tuple(steps), transform)
 
 
 def fast_transform(transform: Callable) -> Callable:
-    """The kernel form of ``transform`` where there is one, else ``transform`` itself."""
+    """``transform`` without v2's dispatch where :func:`as_kernels` can, else itself."""
     return as_kernels(transform) or transform

@@ -82,6 +82,8 @@ def test_transforms_with_their_own_forward_are_left_alone_and_errors_stay_v2s() 
     choice = v2.Compose([v2.ToImage(), v2.RandomApply([v2.Grayscale(3)], p=0.5)])
     assert as_kernels(choice) is None  # RandomApply overrides forward: anything may happen
     assert fast_transform(choice) is choice
+    only_tv_tensors = v2.Compose([v2.ToImage(), v2.ToPureTensor()])  # skips plain tensors
+    assert as_kernels(only_tv_tensors) is None
     zero_std = v2.Normalize([0.5], [0.0])
     with pytest.raises(ValueError, match="std evaluated to zero"):
         as_kernels(zero_std)(torch.rand(1, 4, 4))  # at call time, as v2 raises it

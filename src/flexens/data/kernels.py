@@ -95,14 +95,19 @@ def _steps(transform: Any) -> list[tuple[Callable, dict]] | None:
         return [(_Normalize(tuple(transform.mean), tuple(transform.std), transform.inplace), {})]
     if kind is v2.Lambda and any(issubclass(torch.Tensor, t) for t in transform.types):
         return [(_call, {"function": transform.lambd})]
-    if isinstance(transform, Transform) and kind.forward in _BASE_FORWARDS:
+    if (
+        isinstance(transform, Transform)
+        and kind.forward in _BASE_FORWARDS
+        and torch.Tensor in transform._transformed_types
+    ):
         return [(_OneImage(transform), {})]
     return None
 
 
 _BASE_FORWARDS = (Transform.forward, _RandomApplyTransform.forward)
 """The ``forward`` methods :class:`_OneImage` reproduces; a transform overriding them may
-do anything, and stays in its pipeline."""
+do anything, and stays in its pipeline. So does one that transforms only some tensor
+types: after ``ToImage`` the pipeline holds a ``tv_tensors.Image``, here a plain tensor."""
 
 
 class _OneImage:

@@ -94,7 +94,7 @@ def _steps(transform: Any) -> list[tuple[Callable, dict]] | None:
     if kind is v2.Normalize and all(transform.std):
         return [(_Normalize(tuple(transform.mean), tuple(transform.std), transform.inplace), {})]
     if kind is v2.Lambda and any(issubclass(torch.Tensor, t) for t in transform.types):
-        return [(_call, {"function": transform.lambd})]
+        return [(transform.lambd, {})]
     if (
         isinstance(transform, Transform)
         and kind.forward in _BASE_FORWARDS
@@ -137,8 +137,12 @@ class _Normalize:
         self._stats: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if not image.is_floating_point():
+        if not image.is_floating_point():  # the kernel's own checks, its own messages
             raise TypeError(f"Input tensor should be a float tensor. Got {image.dtype}.")
+        if image.ndim < 3:
+            raise ValueError(
+                f"Expected tensor to be a tensor image of size (..., C, H, W). Got {image.shape}."
+            )
         key = (image.dtype, image.device)
         if key not in self._stats:
             as_column = {"dtype": image.dtype, "device": image.device}
@@ -149,10 +153,6 @@ class _Normalize:
         mean, std = self._stats[key]
         image = image.sub_(mean) if self.inplace else image.sub(mean)
         return image.div_(std)
-
-
-def _call(image: torch.Tensor, function: Callable) -> torch.Tensor:
-    return function(image)
 
 
 def as_kernels(transform: Any) -> KernelPipeline | None:

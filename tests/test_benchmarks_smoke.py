@@ -6,11 +6,14 @@ Only that they work is checked here; their timing targets are for a quiet machin
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,3 +258,35 @@ def test_server_cpu_is_charged_per_answered_request_by_role(monkeypatch):
     result = serve_load.cpu_per_request(Server(), lambda: dict(level))
     assert result["cpu_http_ms"] == pytest.approx(2.0)
     assert result["cpu_workers_ms"] == pytest.approx(5.0)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_anywhere_and_renders_a_batch_sweep(digits_ensemble, tmp_path):
+    """benchmarks/gpu.py on the CPU (no graphs there): export, run, render."""
+    out = tmp_path / "outputs"
+    shutil.copytree(digits_ensemble / "members", out / "members")
+    run_script("calibrate.py", f"paths.output_dir={out}", "logger=csv", "device=cpu")
+    members, images = out / "members" / "digits-small_cnn", tmp_path / "images.pt"
+    script = [sys.executable, str(ROOT / "benchmarks" / "gpu.py")]
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [*script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    )
+    run("--export-images", str(images), "--count", "48", "data=digits", f"paths.output_dir={out}")
+    run(
+        "--images", str(images), "--members-dir", str(members),
+        "--thresholds", f"default:{members / 'thresholds.json'}", "--device", "cpu",
+        "--batch-size", "16", "--latency-images", "6", "--rounds", "2", "--round-batches", "1",
+        "--profile-seconds", "0.5", "--out", str(tmp_path / "gpu.json"),
+    )  # fmt: skip
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    assert set(rows) == {
+        "member 1 alone",
+        "full ensemble",
+        "full ensemble (fused)",
+        "flexible default",
+    }
+    assert all(r["same_prediction_as_cpu"] == r["same_exit_as_cpu"] == 48 for r in rows.values())
+    assert rows["flexible default"]["expected_img_s"] > 0 and result["images"]["count"] == 48
+    sweep = run("--render", str(tmp_path / "gpu.json"), str(tmp_path / "gpu.json")).stdout
+    assert "| configuration | top-1 % |" in sweep and "| flexible default | " in sweep

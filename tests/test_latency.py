@@ -113,9 +113,18 @@ def test_throughput_prices_each_stage_at_the_size_of_its_sub_batch():
     assert expected_throughput(profile, np.array([1.0, 0.25])) == pytest.approx(
         1e3 * 256 / (256 * 0.5 + 64 * 0.4)
     )
-    # between recorded sizes the per-image cost is interpolated in log batch size
-    at_128 = 1e3 * 256 / (256 * 0.5 + 128 * 0.45)
+    # between recorded sizes a call's time runs straight: fixed part plus a part per sample
+    at_128 = 1e3 * 256 / (256 * 0.5 + (64 * 0.4 + (256 * 0.5 - 64 * 0.4) * 64 / 192))
     assert expected_throughput(profile, np.array([1.0, 0.5])) == pytest.approx(at_128)
+    # half a sample on average: half a batch-1 call
+    assert expected_throughput(profile, np.array([1.0, 0.5 / 256])) == pytest.approx(
+        1e3 * 256 / (256 * 0.5 + 0.5 * 2.0)
+    )
+    # every stage that runs pays the halting loop's bookkeeping once per batch
+    booked = {**profile, "overhead_ms": 3.0}
+    assert expected_throughput(booked, np.array([1.0, 0.25])) == pytest.approx(
+        1e3 * 256 / (256 * 0.5 + 64 * 0.4 + 2 * 3.0)
+    )
     # a profile from before the curve prices every sample at the serving batch's cost
     flat = {"members": [{"batched_ms_per_image": 0.5}] * 2, "batch_size": 256}
     assert expected_throughput(flat, np.array([1.0, 0.25])) == pytest.approx(1e3 / 0.625)

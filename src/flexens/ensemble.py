@@ -12,6 +12,7 @@ import pytorch_lightning as L
 import torch
 from torch import Tensor, nn
 
+from flexens.cuda_graphs import CudaGraphed, bucket_size
 from flexens.execution import (
     EnsembleOutput,
     probability_fn,
@@ -46,6 +47,7 @@ class FlexibleEnsembleModule(L.LightningModule):
     ``mode``: ``flexible`` (calibrated thresholds), ``full`` (every member), ``first_k``
     (the first ``first_k`` members), ``oracle`` (evaluation only: all members run, each
     sample answers at the earliest stage that already agrees with the full ensemble).
+    ``cuda_graphs``: on a GPU, run each member from CUDA graphs when no gradient is needed.
     """
 
     def __init__(
@@ -57,10 +59,13 @@ class FlexibleEnsembleModule(L.LightningModule):
         first_k: int | None = None,
         channels_last: bool = False,
         fuse_from: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        self._graphed: list[CudaGraphed] | None = None
+        self.cuda_graphs = cuda_graphs
         self.members = nn.ModuleList(members).eval()
         self.fused: FusedMembers | None = None
         self.set_fuse_from(fuse_from)
@@ -73,6 +78,29 @@ class FlexibleEnsembleModule(L.LightningModule):
     @property
     def num_members(self) -> int:
         return len(self.members)
+
+    def runners(self, x: Tensor) -> list[nn.Module]:
+        """The members as this call runs them: with ``cuda_graphs``, inference on a GPU
+        replays each member from CUDA graphs (one launch instead of one per kernel, padded
+        sub-batches: :mod:`flexens.cuda_graphs`); anything else runs them as they are."""
+        if not (self.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()):
+            return list(self.members)
+        if self._graphed is None:
+            self._graphed = [CudaGraphed(m, bucket=True) for m in self.members]
+        return self._graphed
+
+    def prepare_graphs(self, example: Tensor, max_batch: int) -> None:
+        """Capture now every member graph a batch of up to ``max_batch`` can need (a
+        capture costs milliseconds, which no timed or served call should pay)."""
+        sizes = [1 << b for b in range(bucket_size(max_batch).bit_length())]
+        with torch.inference_mode():
+            for member in self.runners(example):
+                if isinstance(member, CudaGraphed):
+                    member.prepare(example, sizes)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._graphed = None  # captured with the old weights' addresses
+        return super()._apply(fn, *args, **kwargs)
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         # Plain Python floats: reading them in the loop costs no device sync.
@@ -113,7 +141,7 @@ class FlexibleEnsembleModule(L.LightningModule):
         for a batch whose samples asked for different operating points."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        members = list(self.members)
+        members = self.runners(x)
         if thresholds is not None:
             if self.mode != "flexible":
                 raise ValueError(f"per-sample thresholds need mode 'flexible', not {self.mode!r}")

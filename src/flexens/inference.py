@@ -27,6 +27,7 @@ from flexens.calibration.objectives import Objective
 from flexens.calibration.pareto import select_point
 from flexens.calibration.risk import pick_certified
 from flexens.calibration.schema import Calibration, read_thresholds
+from flexens.cuda_graphs import CudaGraphed
 from flexens.ensemble import MODES, EnsembleOutput, FlexibleEnsembleModule
 from flexens.fused import FusedMembers, can_fuse
 from flexens.images import read_images
@@ -38,6 +39,7 @@ from flexens.latency import (
     reach_fractions,
 )
 from flexens.members.registry import Member, load_member
+from flexens.predict import predict_in_place, predict_trainer
 from flexens.reporting.loggers import log_table
 
 GAP_WARNING = 0.15
@@ -79,6 +81,7 @@ class InferSettings:
     warmup: int = 10
     channels_last: bool = False
     fuse_from: int | str | None = "auto"
+    cuda_graphs: bool = True
     operating_point: OperatingPointRequest = field(default_factory=OperatingPointRequest)
 
     def __post_init__(self) -> None:
@@ -92,6 +95,9 @@ class InferSettings:
             raise ValueError(
                 f"unknown mode {self.mode!r}; use one of {', '.join(MODES)} (infer.mode=...)"
             )
+        for key in ("channels_last", "cuda_graphs"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"infer.{key} must be true or false, got {getattr(self, key)!r}")
         fuse = self.fuse_from
         if fuse not in (None, "auto") and (
             isinstance(fuse, bool) or not isinstance(fuse, int) or fuse < 1
@@ -228,10 +234,16 @@ def measure_latency(
             first_k=module.first_k,
             channels_last=module.channels_last,
             fuse_from=module.fuse_from,
+            cuda_graphs=module.cuda_graphs,
         )
         fns[mode] = twin
     if can_fuse(members):
         fns[FUSED_FULL] = FusedMembers(members).to(device).full
+    if device.type == "cuda":  # the fastest full ensemble on a GPU is a graphed one
+        for mode in modes:
+            fns[mode].prepare_graphs(singles[:1].to(device), batch_size)
+        fused = fns.get(FUSED_FULL)
+        fns |= graphed_fulls(members, fused, singles[:1].to(device), len(stream), batch_size)
     threads = (profile or {}).get("threads")
     # at the serving batch: the baselines at every thread count, the rest as profiled
     explore = ["full", FUSED_FULL]
@@ -251,11 +263,32 @@ def measure_latency(
 
 FUSED_FULL = "full_fused"
 """The full ensemble as one ``vmap`` call (:class:`flexens.fused.FusedMembers`)."""
+GRAPHED = "_graph"
+"""Suffix of a full ensemble replayed from CUDA graphs (``full_graph``, ``full_fused_graph``)."""
+FULL_BASELINES = ("full", FUSED_FULL, "full" + GRAPHED, FUSED_FULL + GRAPHED)
 
 
-def fastest_full(results: dict, names: Sequence[str] = ("full", FUSED_FULL)) -> dict:
+def graphed_fulls(
+    members: list, fused, example: torch.Tensor, images: int, batch_size: int
+) -> dict:
+    """The full ensemble (eager members: a graph cannot hold graphs) and the fused call as
+    CUDA graphs, captured here for every batch size the timing feeds them (batch 1, the
+    serving batch and the stream's last partial batch)."""
+    sizes = sorted({1, min(batch_size, images), images % batch_size or batch_size})
+    eager = {"full": FlexibleEnsembleModule(members, mode="full"), FUSED_FULL: fused}
+    graphed = {}
+    with torch.inference_mode():
+        for name, fn in eager.items():
+            if fn is not None:
+                graphed[name + GRAPHED] = CudaGraphed(fn)
+                graphed[name + GRAPHED].prepare(example, sizes)
+    return graphed
+
+
+def fastest_full(results: dict, names: Sequence[str] = FULL_BASELINES) -> dict:
     """Which full ensemble is the baseline: the fastest at batch 1 and at the serving batch
-    (sequential ``full`` or ``full_fused``, each already at its best thread count)."""
+    (sequential ``full`` or ``full_fused``, each already at its best thread count, and on a
+    GPU either as one CUDA graph)."""
     fulls = [m for m in names if results.get(m, {}).get("latency_mean_ms")]
     latency = min(fulls, key=lambda m: results[m]["latency_mean_ms"])
     throughput = max(fulls, key=lambda m: results[m]["throughput_img_s"])
@@ -269,7 +302,7 @@ def fastest_full(results: dict, names: Sequence[str] = ("full", FUSED_FULL)) -> 
 
 def predict_split(trainer: L.Trainer, module: FlexibleEnsembleModule, loader) -> EnsembleOutput:
     """Every sample's answer in the module's current mode, through ``Trainer.predict``."""
-    return EnsembleOutput.cat(trainer.predict(module, dataloaders=loader)).cpu()
+    return EnsembleOutput.cat(predict_in_place(trainer, module, loader)).cpu()
 
 
 def accuracy_summary(out: EnsembleOutput, num_members: int) -> dict:
@@ -309,6 +342,7 @@ def build_module(
         first_k=settings.first_k,
         channels_last=settings.channels_last,
         fuse_from=fuse_from,
+        cuda_graphs=settings.cuda_graphs,
     )
     return module.to(device).eval()
 
@@ -354,7 +388,7 @@ def log_results(logger, metrics: dict, columns: list[str], rows: list[list]) -> 
         {
             f"test/{mode}/{k}": v
             for mode, r in metrics.items()
-            if mode in (*MODES, FUSED_FULL) and isinstance(r, dict)
+            if mode in (*MODES, *FULL_BASELINES) and isinstance(r, dict)
             for k, v in r.items()
             if isinstance(v, float)
         }
@@ -374,13 +408,7 @@ def compare_modes(
     """Accuracy of the configured mode, ``full`` and the oracle and the configured mode's
     answer for every test sample; measured latency of the first two and of the fused full
     ensemble against the fastest full one."""
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = predict_trainer(device, progress_bar=False)
     test = datamodule.test_set
     n_single = min(int(settings.latency_images), len(test))
     n_stream = min(int(settings.throughput_images), len(test))
@@ -397,8 +425,8 @@ def compare_modes(
     timings = measure_latency(
         module, modes, singles, stream, batch_size, device, warmup, profile=profile
     )
-    if FUSED_FULL in timings:  # same arithmetic as full, to float rounding
-        results[FUSED_FULL] = {k: results["full"][k] for k in ("accuracy", "avg_members")}
+    for name in timings.keys() - results.keys():  # fused or graphed: full's arithmetic
+        results[name] = {k: results["full"][k] for k in ("accuracy", "avg_members")}
     for name, timing in timings.items():
         results[name].update(timing)
     baseline = fastest_full(results)
@@ -516,7 +544,7 @@ def print_table(results: dict, baseline: dict | None = None) -> None:
     """Mean batch-1 latency is the headline (the paper's metric); speed-ups are against the
     fastest full ensemble, named below the table."""
     print(
-        f"{'mode':<11} {'accuracy':>9} {'members':>8} {'mean ms':>8} {'p50':>7} {'p90':>7} "
+        f"{'mode':<16} {'accuracy':>9} {'members':>8} {'mean ms':>8} {'p50':>7} {'p90':>7} "
         f"{'p99':>7} {'img/s':>8} {'thr':>4} {'expect ms':>9} {'speed-up':>9}"
     )
     for mode, r in results.items():
@@ -530,7 +558,7 @@ def print_table(results: dict, baseline: dict | None = None) -> None:
             if lat is not None
             else " " * 8 + "-"
         )
-        print(f"{mode:<11} {r['accuracy']:>9.4f} {r['avg_members']:>8.3f} {cells}")
+        print(f"{mode:<16} {r['accuracy']:>9.4f} {r['avg_members']:>8.3f} {cells}")
     if baseline:
         print(
             f"full = fastest full ensemble: {baseline['latency']} at batch 1, "

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from flexens.calibration.schema import PROFILE_FORMAT
+from flexens.cuda_graphs import CudaGraphed
 from flexens.execution import run_flexible
 from flexens.fused import FusedMembers, architecture_key, can_fuse
 from flexens.halting import Criterion
@@ -274,6 +275,14 @@ def twin_median(costs: np.ndarray, archs: Sequence[str], index: int) -> float:
     return float(np.median(same))
 
 
+def as_run(networks: Sequence[nn.Module], device: torch.device) -> list[nn.Module]:
+    """The members as inference runs them on ``device``: replayed from CUDA graphs on a GPU
+    (``infer.cuda_graphs``, on by default: :mod:`flexens.cuda_graphs`), as they are elsewhere."""
+    if device.type != "cuda":
+        return list(networks)
+    return [CudaGraphed(n, bucket=True) for n in networks]
+
+
 def member_costs(
     networks: Sequence[nn.Module],
     x: torch.Tensor,
@@ -285,7 +294,7 @@ def member_costs(
     disagreeing twins are measured again, then replaced by their twins' median with a
     warning."""
     archs = [architecture_id(n) for n in networks]
-    fns = {str(i): (lambda net=net: net(x)) for i, net in enumerate(networks)}
+    fns = {str(i): (lambda net=net: net(x)) for i, net in enumerate(as_run(networks, device))}
 
     def measure(seed: int) -> np.ndarray:
         times = adaptive_interleaved(fns, device, budget, label, seed=seed)
@@ -461,6 +470,7 @@ def latency_profile(
         "device_type": device.type,
         "torch": torch.__version__,
         "network_form": INFERENCE_FORM,
+        "cuda_graphs": device.type == "cuda",
         "thread_candidates": candidates,
         "threads": {"batch1": int(best["batch1_ms"]), "batched": int(best["batched_ms_per_image"])},
         "batch_size": batch_size,
@@ -507,23 +517,31 @@ def expected_latency_ms(profile: dict, reach: np.ndarray, fuse_from: int | None 
 
 
 def stage_batch_ms(member: dict, sizes: Sequence[int] | None, samples: float) -> float:
-    """Ms for one member to run ``samples`` samples in one batch: per-image cost
-    interpolated (in log batch size) on the member's recorded curve; a profile without a
-    curve (older flexens) prices every sample at the serving batch's cost."""
+    """Ms for one member to run ``samples`` samples in one batch: the call's time
+    interpolated linearly in batch size between the member's recorded points, from zero
+    for zero samples. A call costs a fixed part plus a part per sample, so its time, not
+    its per-image cost, is what runs straight between two points: on an H100 a member's
+    per-image cost falls from 115 µs at batch 1 to 3 µs at 64
+    (``benchmarks/results/gpu_b1024.json``), and interpolating that in log batch size
+    priced a sub-batch of 30 at about five times its cost. A profile without a curve (older
+    flexens) prices every sample at the serving batch's cost."""
     curve = member.get("curve_ms_per_image")
     if not sizes or not curve:
         return float(samples * member["batched_ms_per_image"])
-    per_image = np.interp(np.log(max(samples, 1.0)), np.log(sizes), curve)
-    return samples * float(per_image)
+    calls = [0.0, *(size * cost for size, cost in zip(sizes, curve, strict=True))]
+    return float(np.interp(samples, [0, *sizes], calls))
 
 
 def expected_throughput(profile: dict, reach: np.ndarray) -> float:
     """Images/s at the serving batch ``B``: member ``k`` runs once per batch on the
-    ``P(reach k)·B`` samples that reach it, at that sub-batch's per-image cost."""
+    ``P(reach k)·B`` samples that reach it, at that sub-batch's cost, plus the halting
+    loop's bookkeeping once for every stage that runs (on a GPU, with its host sync, about
+    what a graphed member costs at batch 1)."""
     batch = profile.get("batch_size") or 1
     sizes = profile.get("curve_batch_sizes")
+    overhead = profile.get("overhead_ms", 0.0)
     ms = sum(
-        stage_batch_ms(member, sizes, r * batch)
+        stage_batch_ms(member, sizes, r * batch) + overhead * min(1.0, r * batch)
         for member, r in zip(profile["members"], reach, strict=True)
     )
     return float(1e3 * batch / ms)
@@ -562,6 +580,10 @@ def profile_problems(
         for key, value in expected.items()
         if profile.get(key) != value
     ]
+    if profile.get("cuda_graphs", False) != (device.type == "cuda"):  # before: eager on a GPU
+        problems.append(
+            f"cuda_graphs was {profile.get('cuda_graphs', False)!r}, now {device.type == 'cuda'!r}"
+        )
     members = profile["members"]
     archs = [m.get("arch", "") for m in members]
     for key in ("batch1_ms", "batched_ms_per_image"):
@@ -580,7 +602,7 @@ def quick_check(
     """Time the members at batch 1 for a moment: a problem line when their summed cost is
     off the profile's by more than :data:`QUICK_CHECK_TOLERANCE`, else None."""
     one = example[:1].to(device)
-    fns = {str(i): (lambda net=net: net(one)) for i, net in enumerate(networks)}
+    fns = {str(i): (lambda net=net: net(one)) for i, net in enumerate(as_run(networks, device))}
     with num_threads(profile["threads"]["batch1"]):
         times = adaptive_interleaved(fns, device, Budget(seconds=seconds, rel_error=0.05))
     measured = sum(robust_mean(t) * 1e3 for t in times.values())

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from flexens.artifacts import fingerprint, torch_save
 from flexens.members.inference_form import INFERENCE_FORM
 from flexens.members.registry import Member
+from flexens.predict import predict_in_place, predict_trainer
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,7 @@ def _compute(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Through Lightning's predict loop: a progress bar over a large split, and the same
     accelerator handling as training."""
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=[device.index] if device.index is not None else 1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    outputs = trainer.predict(MemberLogits(member.network.eval()), dataloaders=loader)
+    outputs = predict_in_place(predict_trainer(device), MemberLogits(member.network.eval()), loader)
     return torch.cat([o[0] for o in outputs]).cpu(), torch.cat([o[1] for o in outputs]).cpu()
 
 

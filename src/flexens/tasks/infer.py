@@ -11,7 +11,7 @@ from flexens.artifacts import write_json
 from flexens.calibration.certificate import certificate_line
 from flexens.ensemble import MODES
 from flexens.inference import (
-    FUSED_FULL,
+    FULL_BASELINES,
     InferSettings,
     build_module,
     evaluate,
@@ -60,7 +60,7 @@ def infer(cfg: DictConfig) -> dict:
         columns, rows = per_sample_rows(per_sample, members[0].meta["class_names"])
         write_csv(run / "predictions.csv", columns, rows)
         print_table(
-            {mode: r for mode, r in metrics.items() if mode in (*MODES, FUSED_FULL)},
+            {mode: r for mode, r in metrics.items() if mode in (*MODES, *FULL_BASELINES)},
             metrics.get("baseline"),
         )
         print(f"metrics: {run / 'metrics.json'}")

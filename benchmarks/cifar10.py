@@ -438,7 +438,9 @@ def run(args) -> dict:
         if name != FUSED_NAME
     }
     timed = stream[: args.rounds * args.round_batches * args.batch_size]
-    sizes = profile["curve_batch_sizes"][1:-1]
+    # this run's curve for the same-run model: two sub-batch sizes (each probe is a timed
+    # configuration of its own; the stored profile records more points)
+    sizes = sorted({s for s in (args.batch_size // 16, args.batch_size // 4) if s > 1})
     timings = measure_configurations(
         {n: (m if n != FUSED_NAME else m.full) for n, m in modules.items()}
         | sub_batch_probes(modules, members, sizes),

@@ -97,7 +97,10 @@ def configurations(networks, calibrations, device) -> dict[str, tuple]:
     model does not price it). The model prices members as inference runs them (CUDA graphs
     on a GPU), so on a GPU the eager rows are comparisons without a prediction."""
     n, gpu = len(networks), device.type == "cuda"
-    ensemble = lambda nets, graphs, **kw: FlexibleEnsembleModule(nets, cuda_graphs=graphs, **kw)  # noqa: E731
+
+    def ensemble(nets, graphs: bool, **kwargs) -> FlexibleEnsembleModule:
+        return FlexibleEnsembleModule(nets, cuda_graphs=graphs, **kwargs)
+
     everyone = list(range(n))
     configs = {"member 1 alone": (ensemble(networks[:1], gpu, mode="full"), [0])}
     configs[FULL] = (ensemble(networks, False, mode="full"), None if gpu else everyone)
@@ -126,7 +129,7 @@ def configurations(networks, calibrations, device) -> dict[str, tuple]:
 def outputs_of(
     fn, images: Tensor, batch_size: int, device: torch.device, members: int
 ) -> EnsembleOutput:
-    """Prediction and exit stage of every image (the fused call: at stage ``members``)."""
+    """Prediction and exit stage of every image (the fused call's: the last stage)."""
     parts = []
     with torch.inference_mode():
         for batch in images.split(batch_size):
@@ -155,6 +158,9 @@ def capture_every_bucket(configs: dict, example: Tensor, batch_size: int, device
 def run(args) -> dict:
     device = resolve_device(args.device)
     images, labels, source = read_images(Path(args.images))
+    bad = [pair for pair in args.thresholds if ":" not in pair]
+    if bad:
+        raise ValueError(f"--thresholds takes LABEL:PATH pairs, got {bad[0]!r}")
     labelled = dict(pair.split(":", 1) for pair in args.thresholds)
     calibrations = {label: read_thresholds(Path(p)) for label, p in labelled.items()}
     first = Path(next(iter(labelled.values())))

@@ -17,6 +17,7 @@ from flexens.latency import (
     adaptive_interleaved,
     best_fuse_from,
     best_threads,
+    curve_batch_sizes,
     expected_latency_ms,
     expected_throughput,
     latency_profile,
@@ -91,6 +92,14 @@ def test_a_profile_for_other_conditions_is_stale(profile):
     assert "format None" in profile_problems(old, CPU, 4, [3, 8, 8])[0]
     unfolded = {**profile, "network_form": "unfolded"}  # members timed in another form
     assert any("network_form" in p for p in profile_problems(unfolded, CPU, 4, [3, 8, 8]))
+    sparse = {**profile, "curve_batch_sizes": [1, 3, 4]}  # fewer points than flexens records
+    assert any("curve_batch_sizes" in p for p in profile_problems(sparse, CPU, 4, [3, 8, 8]))
+
+
+def test_the_curve_is_dense_where_halting_leaves_small_sub_batches():
+    assert curve_batch_sizes(256) == [2, 4, 8, 16, 32, 64]
+    assert curve_batch_sizes(100) == [2, 4, 6, 8, 16, 25]  # B/16 and B/4 themselves
+    assert curve_batch_sizes(4) == []
 
 
 def test_an_old_stored_profile_is_measured_again_with_a_note(profile, tmp_path, capsys):

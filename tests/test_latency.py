@@ -92,8 +92,8 @@ def test_a_profile_for_other_conditions_is_stale(profile):
     assert "format None" in profile_problems(old, CPU, 4, [3, 8, 8])[0]
     unfolded = {**profile, "network_form": "unfolded"}  # members timed in another form
     assert any("network_form" in p for p in profile_problems(unfolded, CPU, 4, [3, 8, 8]))
-    sparse = {**profile, "curve_batch_sizes": [1, 3, 4]}  # fewer points than flexens records
-    assert any("curve_batch_sizes" in p for p in profile_problems(sparse, CPU, 4, [3, 8, 8]))
+    other = {**profile, "curve_batch_sizes": [1, 3, 4]}  # not the points flexens records
+    assert any("curve_batch_sizes" in p for p in profile_problems(other, CPU, 4, [3, 8, 8]))
 
 
 def test_the_curve_is_dense_where_halting_leaves_small_sub_batches():

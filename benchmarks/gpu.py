@@ -38,11 +38,16 @@ os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
 
 from flexens.artifacts import replace_marked_section, torch_save, write_json, write_text  # noqa: E402
 from flexens.calibration.schema import read_thresholds  # noqa: E402
-from flexens.cuda_graphs import CudaGraphed, map_tensors  # noqa: E402
+from flexens.cuda_graphs import map_tensors  # noqa: E402
 from flexens.ensemble import EnsembleOutput, FlexibleEnsembleModule  # noqa: E402
 from flexens.fused import FusedMembers, can_fuse  # noqa: E402
 from flexens.halting import get_criterion  # noqa: E402
-from flexens.inference import fastest_full, load_calibrated_members  # noqa: E402
+from flexens.inference import (  # noqa: E402
+    GRAPHED,
+    fastest_full,
+    graphed_fulls,
+    load_calibrated_members,
+)
 from flexens.latency import (  # noqa: E402
     expected_latency_ms,
     expected_throughput,
@@ -92,26 +97,30 @@ def read_images(path: Path) -> tuple[Tensor, Tensor, str]:
 
 
 # -- configurations --------------------------------------------------------------------------
-def configurations(networks, calibrations, device) -> dict[str, tuple]:
+def configurations(networks, calibrations, example: Tensor, batch_size: int) -> dict:
     """name → (callable, the members it runs in profile order, or None where the latency
     model does not price it). The model prices members as inference runs them (CUDA graphs
-    on a GPU), so on a GPU the eager rows are comparisons without a prediction."""
-    n, gpu = len(networks), device.type == "cuda"
+    on a GPU), so on a GPU the eager rows are comparisons without a prediction. Every graph
+    is captured here, so none is captured while timed."""
+    n, gpu = len(networks), example.is_cuda
 
     def ensemble(nets, graphs: bool, **kwargs) -> FlexibleEnsembleModule:
-        return FlexibleEnsembleModule(nets, cuda_graphs=graphs, **kwargs)
+        module = FlexibleEnsembleModule(nets, cuda_graphs=graphs, **kwargs)
+        module.prepare_graphs(example, batch_size)
+        return module
 
     everyone = list(range(n))
     configs = {"member 1 alone": (ensemble(networks[:1], gpu, mode="full"), [0])}
     configs[FULL] = (ensemble(networks, False, mode="full"), None if gpu else everyone)
     if gpu:
         configs[FULL + MEMBER_GRAPHS] = (ensemble(networks, True, mode="full"), everyone)
-    if can_fuse(networks):
-        configs[FUSED] = (FusedMembers(networks).to(device).full, None)
-    if gpu:
-        configs[FULL + GRAPH] = (CudaGraphed(configs[FULL][0]), None)
-        if FUSED in configs:
-            configs[FUSED + GRAPH] = (CudaGraphed(configs[FUSED][0]), None)
+    fused = FusedMembers(networks).to(example.device) if can_fuse(networks) else None
+    if fused is not None:
+        configs[FUSED] = (fused.full, None)
+    if gpu:  # the whole ensemble as one graph: infer.py's graphed baselines
+        graphs = graphed_fulls(networks, fused and fused.full, example, batch_size, batch_size)
+        for name, graphed in graphs.items():
+            configs[FULL + GRAPH if name == "full" + GRAPHED else FUSED + GRAPH] = (graphed, None)
     for label, calibration in calibrations.items():
         point = {"thresholds": calibration.thresholds, "criterion": calibration.criterion}
         configs[f"flexible {label}"] = (
@@ -141,19 +150,6 @@ def outputs_of(
     return EnsembleOutput.cat(parts)
 
 
-def capture_every_bucket(configs: dict, example: Tensor, batch_size: int, device) -> float:
-    """Capture every graph before timing, so no capture lands in a timed call."""
-    start = time.perf_counter()
-    example = example.to(device)
-    with torch.inference_mode():
-        for fn, _ in configs.values():
-            if isinstance(fn, CudaGraphed):
-                fn.prepare(example, [1, batch_size])
-            elif isinstance(fn, FlexibleEnsembleModule):
-                fn.prepare_graphs(example, batch_size)
-    return time.perf_counter() - start
-
-
 # -- the run ---------------------------------------------------------------------------------
 def run(args) -> dict:
     device = resolve_device(args.device)
@@ -171,13 +167,14 @@ def run(args) -> dict:
             raise ValueError(f"{labelled[label]} was calibrated for other members than {first}")
     cpu_nets = [m.network.eval() for m in members]
     networks = [copy.deepcopy(net).to(device).eval() for net in cpu_nets]
-    configs = configurations(networks, calibrations, device)
-    capture_s = capture_every_bucket(configs, images[:1], args.batch_size, device)
+    start = time.perf_counter()
+    configs = configurations(networks, calibrations, images[:1].to(device), args.batch_size)
+    capture_s = time.perf_counter() - start
 
     timed_images = args.rounds * args.round_batches * args.batch_size
     singles = images[: args.latency_images]
     stream = images.repeat(-(-timed_images // len(images)), 1, 1, 1)[:timed_images]
-    reference = configurations(cpu_nets, calibrations, torch.device("cpu"))
+    reference = configurations(cpu_nets, calibrations, images[:1], args.batch_size)
     cpu = {
         n: outputs_of(fn, images, args.batch_size, torch.device("cpu"), len(cpu_nets))
         for n, (fn, _) in reference.items()

@@ -93,3 +93,9 @@ class CudaGraphed(nn.Module):
         static[: x.shape[0]].copy_(x)
         graph.replay()
         return map_tensors(lambda t: t[: x.shape[0]], out)
+
+
+def graphed_members(members: Iterable[nn.Module]) -> list[CudaGraphed]:
+    """Members as a halting loop replays them: one bucketed graph set per member (what
+    ``FlexibleEnsembleModule(cuda_graphs=True)`` runs and a GPU latency profile times)."""
+    return [CudaGraphed(m, bucket=True) for m in members]

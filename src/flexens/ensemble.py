@@ -12,7 +12,7 @@ import pytorch_lightning as L
 import torch
 from torch import Tensor, nn
 
-from flexens.cuda_graphs import CudaGraphed, bucket_size
+from flexens.cuda_graphs import CudaGraphed, bucket_size, graphed_members
 from flexens.execution import (
     EnsembleOutput,
     probability_fn,
@@ -86,7 +86,7 @@ class FlexibleEnsembleModule(L.LightningModule):
         if not (self.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()):
             return list(self.members)
         if self._graphed is None:
-            self._graphed = [CudaGraphed(m, bucket=True) for m in self.members]
+            self._graphed = graphed_members(self.members)
         return self._graphed
 
     def prepare_graphs(self, example: Tensor, max_batch: int) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from flexens.calibration.schema import PROFILE_FORMAT
-from flexens.cuda_graphs import CudaGraphed
+from flexens.cuda_graphs import graphed_members
 from flexens.execution import run_flexible
 from flexens.fused import FusedMembers, architecture_key, can_fuse
 from flexens.halting import Criterion
@@ -278,9 +278,7 @@ def twin_median(costs: np.ndarray, archs: Sequence[str], index: int) -> float:
 def as_run(networks: Sequence[nn.Module], device: torch.device) -> list[nn.Module]:
     """The members as inference runs them on ``device``: replayed from CUDA graphs on a GPU
     (``infer.cuda_graphs``, on by default: :mod:`flexens.cuda_graphs`), as they are elsewhere."""
-    if device.type != "cuda":
-        return list(networks)
-    return [CudaGraphed(n, bucket=True) for n in networks]
+    return graphed_members(networks) if device.type == "cuda" else list(networks)
 
 
 def member_costs(
@@ -579,16 +577,13 @@ def profile_problems(
         "batch_size": int(batch_size),
         "curve_batch_sizes": [1, *curve_batch_sizes(batch_size), int(batch_size)],
         "input_shape": list(input_shape),
+        "cuda_graphs": device.type == "cuda",
     }
     problems = [
         f"{key} was {profile.get(key)!r}, now {value!r}"
         for key, value in expected.items()
         if profile.get(key) != value
     ]
-    if profile.get("cuda_graphs", False) != (device.type == "cuda"):  # before: eager on a GPU
-        problems.append(
-            f"cuda_graphs was {profile.get('cuda_graphs', False)!r}, now {device.type == 'cuda'!r}"
-        )
     members = profile["members"]
     archs = [m.get("arch", "") for m in members]
     for key in ("batch1_ms", "batched_ms_per_image"):

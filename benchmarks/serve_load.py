@@ -475,12 +475,13 @@ def plot(ramp: dict, capacity: float, slo_ms: float, path: Path) -> None:
 def ramp_table(ramp: dict, capacity: float) -> list[str]:
     names = ("full", "flexible", "flexible+slo")
     rows = [
-        "| offered req/s | " + " | ".join(f"{n} p99 ms (acc)" for n in names) + " |",
+        "| offered req/s | " + " | ".join(f"{n}: p99 ms, answered/s (acc)" for n in names) + " |",
         "|---|---|---|---|",
     ]
     for i, factor in enumerate(RAMP):
         cells = [
-            f"{ramp[n][i]['p99_ms']:.0f} ({100 * ramp[n][i]['accuracy']:.1f} %)"
+            f"{ramp[n][i]['p99_ms']:.0f}, {ramp[n][i]['throughput_rps']:.0f}/s "
+            f"({100 * ramp[n][i]['accuracy']:.1f} %)"
             + "".join(
                 f", {ramp[n][i][key]} {key}"
                 for key in ("shed", "unanswered")
@@ -537,11 +538,14 @@ def section(
         "",
         f"Load ramp (open loop: Poisson arrivals at the offered rate from {RAMP_USERS} locust "
         "users, each request sent whether or not earlier ones were answered; p99 counts "
-        f"requests still unanswered at the end at their wait so far; SLO {slo_ms:g} ms):",
+        f"requests still unanswered at the end at their wait so far; a shed request, a 503 "
+        f"answered at once, is counted beside it, not in it; SLO {slo_ms:g} ms):",
         "",
         *ramp_rows,
         "",
         verdict,
+        "",
+        overload_summary(ramp, capacity, slo_ms),
         "",
         "SLO mode's operating points and its switches in this run:",
         "",
@@ -605,6 +609,21 @@ def slo_verdict(ramp: dict, capacity: float, slo_ms: float) -> str:
         f"at {100 * slo['accuracy']:.1f} % accuracy vs full's {100 * full['accuracy']:.1f} % on "
         f"these images, serving {slo['points']}."
     )
+
+
+def overload_summary(ramp: dict, capacity: float, slo_ms: float) -> str:
+    """What SLO mode does past full's capacity: p99 of what it answers, and what it sheds."""
+    over = [i for i, factor in enumerate(RAMP) if factor > 1.0]
+    parts = []
+    for i in over:
+        level = ramp["flexible+slo"][i]
+        shed = level["shed"] / max(level["requests"], 1)
+        parts.append(
+            f"{RAMP[i] * capacity:.0f} req/s offered: p99 {level['p99_ms']:.0f} ms "
+            f"({'within' if level['p99_ms'] <= slo_ms else 'past'} the SLO), "
+            f"{level['throughput_rps']:.0f} answered/s, {100 * shed:.0f} % shed"
+        )
+    return "Past full's capacity, flexible with SLO mode: " + "; ".join(parts) + "."
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -203,11 +203,48 @@ def test_over_max_in_flight_a_request_gets_503_before_its_body_is_read():
     scope = {"type": "http", "path": "/predict", "method": "POST", "headers": []}
     asyncio.run(gate(scope, receive, send))
     assert sent[0]["status"] == 503 and touched == []
+    assert (b"retry-after", b"1") in sent[0]["headers"]
     detail = json.loads(sent[1]["body"])["detail"]
     assert "3 requests in flight" in detail and "serve.max_in_flight" in detail
     assert gate.in_flight == 3
     text = gate.metrics.exposition().decode()
     assert 'flexens_rejected_requests_total{status="503"} 1.0' in text
+    assert 'flexens_shed_requests_total{reason="in_flight"} 1.0' in text
+
+
+def test_at_the_fastest_point_slo_mode_sheds_a_request_that_would_wait_past_the_slo():
+    """The gate asks SLO mode before reading anything: behind too many requests at the
+    fastest point the answer is a 503 with the predicted wait, and the shed is counted."""
+    from flexens.serving.gate import RequestGate
+    from flexens.serving.points import ServedPoint
+
+    points = [ServedPoint(n, (0.5,), c, False, None, None) for n, c in (("a", 2.0), ("b", 1.0))]
+    touched = []
+
+    async def submit(payload):
+        touched.append("submit")
+        return {"members_used": 1}
+
+    gate = RequestGate(
+        None, submit=submit, front=_Front(points[0]), decode=lambda d: torch.zeros(1, 2, 2),
+        max_body_bytes=100, num_members=2, ladder=points,
+        slo_policy=SloPolicy(slo_ms=100.0, costs=(2.0, 1.0), min_samples=10),
+    )  # fmt: skip
+    controller = gate.controller
+    controller.level = 1
+    for i in range(10):  # answered in 40 ms behind 4 requests each: 10 ms per request
+        controller.observe(0.01 * i, 40.0, in_flight=4, ahead=4)
+    assert controller.service_ms == pytest.approx(10.0)
+    gate.in_flight = 8  # a newcomer would wait about 90 ms > 0.8 × 100 ms
+    status, answer = _gate_call(gate, b"image")
+    assert status == 503 and touched == []
+    assert "about 90 ms behind 8 others" in answer["detail"]
+    assert "serve.slo_ms=100" in answer["detail"]
+    text = gate.metrics.exposition().decode()
+    assert 'flexens_shed_requests_total{reason="slo"} 1.0' in text
+    gate.in_flight = 6  # about 70 ms: taken
+    status, _ = _gate_call(gate, b"image")
+    assert status == 200 and touched == ["submit"]
 
 
 class _Front:
@@ -412,11 +449,44 @@ def test_slo_controller_judges_its_window_a_bounded_number_of_times(monkeypatch)
     assert 4 * slo.CHECKS_PER_WINDOW / POLICY.window_s <= len(judged) <= 41
 
 
+def test_slo_controller_sheds_only_at_its_fastest_point_and_only_behind_others():
+    policy = SloPolicy(slo_ms=100.0, costs=(12.0, 6.0, 3.0), min_samples=10, hold_s=2.0)
+    controller = SloController(policy)
+    assert controller.admits(1000)  # nothing measured yet
+    for t, lat in steady(0, 1, 50, 60.0):  # 60 ms behind 3 requests: 20 ms per request
+        controller.observe(t, lat, in_flight=3, ahead=3)
+    assert controller.service_ms == pytest.approx(20.0)
+    assert controller.predicted_wait_ms(5) == pytest.approx(120.0)
+    assert controller.admits(5)  # level 0 steps faster before it sheds anything
+    controller.level = 2
+    assert controller.admits(3) and not controller.admits(4)  # 80 ms is the edge: 0.8 × SLO
+    assert controller.admits(0)  # an empty server always takes a request, to keep measuring
+    never = SloController(SloPolicy(slo_ms=100.0, costs=(2.0, 1.0), min_samples=10, shed_at=None))
+    never.level = 1
+    for t, lat in steady(0, 1, 50, 500.0):
+        never.observe(t, lat, in_flight=3, ahead=1)
+    assert never.service_ms == pytest.approx(500.0) and never.admits(100)
+
+
+def test_after_a_switch_slo_mode_forgets_the_old_points_service_time():
+    controller = SloController(POLICY)
+    for t, lat in steady(0, 1, 100, 95.0):
+        if controller.observe(t, lat, 4, ahead=2) is not None:
+            break
+    assert controller.level == 1
+    assert controller.service_ms is None and controller.admits(100)
+    for t, lat in steady(1.5, 1, 100, 30.0):  # during the hold: measured, no switch
+        assert controller.observe(t, lat, 4, ahead=2) is None
+    assert controller.service_ms == pytest.approx(15.0)
+
+
 def test_slo_policy_refuses_a_ladder_that_does_not_get_faster():
     with pytest.raises(ValueError, match="cheaper than the one before"):
         SloPolicy(slo_ms=50, costs=(5.0, 5.0))
     with pytest.raises(ValueError, match="step_down_at < serve.slo.step_up_at"):
         SloPolicy(slo_ms=50, costs=(5.0, 2.0), step_up_at=0.5, step_down_at=0.6)
+    with pytest.raises(ValueError, match="shed_at must be in"):
+        SloPolicy(slo_ms=50, costs=(5.0, 2.0), shed_at=1.5)
 
 
 # -- the real server --------------------------------------------------------------------------

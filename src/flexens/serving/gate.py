@@ -12,7 +12,9 @@ the thresholds each request is served at, handed to its queue by ``submit``
 LitServe's FastAPI route, which would parse and serialise every request a second time.
 
 The gate also serves ``GET /metrics``, times every request for the metrics and SLO mode,
-applies SLO mode's choice to requests that ask for no operating point of their own, and
+applies SLO mode's choice to requests that ask for no operating point of their own, sheds
+(503 with ``Retry-After``) what would only wait, past ``serve.max_in_flight`` or past the
+SLO at SLO mode's fastest point, and
 checks ``X-API-Key`` when ``LIT_SERVER_API_KEY`` is set, as LitServe's route would.
 """
 
@@ -101,7 +103,14 @@ async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def reply(send: Callable, status: int, body: bytes, content_type: bytes) -> None:
+RETRY_AFTER_S = 1
+"""The ``Retry-After`` of a 503: the server sheds only while a backlog drains, in about a
+second at these loads."""
+
+
+async def reply(
+    send: Callable, status: int, body: bytes, content_type: bytes, headers: tuple = ()
+) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -109,6 +118,7 @@ async def reply(send: Callable, status: int, body: bytes, content_type: bytes) -
             "headers": [
                 (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
+                *headers,
             ],
         }
     )
@@ -159,9 +169,22 @@ class RequestGate:
             body = self.metrics.exposition()
             return await reply(send, 200, body, CONTENT_TYPE_LATEST.encode())
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
-            return self._count(await self._shed(send))
+            reason = (
+                f"server busy: {self.in_flight} requests in flight, the limit is "
+                f"{self.max_in_flight} (serve.max_in_flight); retry later"
+            )
+            return self._count(await self._shed(send, "in_flight", reason))
+        if self.controller is not None and not self.controller.admits(self.in_flight):
+            wait = self.controller.predicted_wait_ms(self.in_flight)
+            reason = (
+                f"server at its fastest operating point and still over its SLO: a request now "
+                f"would wait about {wait:.0f} ms behind {self.in_flight} others, past "
+                f"serve.slo_ms={self.controller.policy.slo_ms:g}; retry later"
+            )
+            return self._count(await self._shed(send, "slo", reason))
         start = time.perf_counter()
         self.in_flight += 1
+        ahead = self.in_flight
         self.metrics.in_flight.set(self.in_flight)
         try:
             status, members = await self._predict(scope, receive, send)
@@ -173,7 +196,7 @@ class RequestGate:
         if status == 200:
             self.metrics.latency.observe(elapsed)
             self.metrics.members_used.observe(members)
-            self._observe_slo(elapsed * 1e3)
+            self._observe_slo(elapsed * 1e3, ahead)
 
     async def _predict(self, scope, receive, send) -> tuple[int, int]:
         """Answer one prediction request; returns its status and the members it used."""
@@ -215,26 +238,23 @@ class RequestGate:
         if 400 <= status < 500 or status == 503:
             self.metrics.rejected.labels(status=str(status)).inc()
 
-    async def _shed(self, send) -> int:
+    async def _shed(self, send, why: str, reason: str) -> int:
         """Overload: refuse before reading or decoding anything. A server that decodes every
         arrival while its worker falls behind spends its CPU on requests that will wait
         seconds, and its throughput collapses; a 503 now lets the client retry elsewhere."""
-        return await self._refuse(
-            send,
-            503,
-            f"server busy: {self.in_flight} requests in flight, the limit is "
-            f"{self.max_in_flight} (serve.max_in_flight); retry later",
-        )
+        self.metrics.shed.labels(reason=why).inc()
+        retry = ((b"retry-after", str(RETRY_AFTER_S).encode()),)
+        return await self._refuse(send, 503, reason, retry)
 
-    async def _refuse(self, send, status: int, reason: str) -> int:
+    async def _refuse(self, send, status: int, reason: str, headers: tuple = ()) -> int:
         body = json.dumps({"detail": " ".join(reason.split())}).encode()
-        await reply(send, status, body, b"application/json")
+        await reply(send, status, body, b"application/json", headers)
         return status
 
-    def _observe_slo(self, latency_ms: float) -> None:
+    def _observe_slo(self, latency_ms: float, ahead: int) -> None:
         if self.controller is None:
             return
-        switch = self.controller.observe(time.monotonic(), latency_ms, self.in_flight)
+        switch = self.controller.observe(time.monotonic(), latency_ms, self.in_flight, ahead)
         if switch is None:
             return
         names = [p.name for p in self.ladder]

@@ -12,7 +12,7 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.
 
 
 class ServeMetrics:
-    """Requests, latency, members used, current operating point, rejections, SLO switches."""
+    """Requests, latency, members used, current operating point, rejections, sheds, SLO switches."""
 
     def __init__(self, num_members: int) -> None:
         self.registry = CollectorRegistry()
@@ -25,7 +25,7 @@ class ServeMetrics:
         )
         self.rejected = Counter(
             "flexens_rejected_requests",
-            "Requests refused with a 4xx (bad request) or 503 (over serve.max_in_flight), by status",
+            "Requests refused with a 4xx (bad request) or 503 (shed), by status",
             ["status"],
             registry=r,
         )
@@ -45,6 +45,14 @@ class ServeMetrics:
             "flexens_operating_point",
             "1 for the operating point requests without their own get",
             ["point", "expected_ms"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "flexens_shed_requests",
+            "Requests refused with a 503 before their body was read, by reason: in_flight "
+            "(over serve.max_in_flight) or slo (predicted to wait past the SLO at the "
+            "fastest operating point)",
+            ["reason"],
             registry=r,
         )
         self.in_flight = Gauge("flexens_in_flight", "Requests being answered", registry=r)

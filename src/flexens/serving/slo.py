@@ -12,6 +12,16 @@ it holds for ``hold_s`` and forgets the window, so the next decision is judged o
 of the new point only (requests queued under the old one would otherwise trigger a second
 step for the same burst).
 
+At the fastest point there is nowhere left to step, and past its capacity the queue, and
+every request's wait, grows without bound. There the controller *sheds*: a request that
+would wait past ``shed_at × slo`` is refused at once (the gate answers 503), so the
+requests it admits keep the SLO and a client learns at once to retry elsewhere, instead of
+after seconds in a queue. The wait is predicted from Little's law: each answered request's
+latency over the requests in the server when it arrived (itself included) is its per-request
+service time at the current point; a newcomer behind ``n`` requests waits about
+``(n + 1)`` times the window's median of it. A request that finds the server empty is always
+admitted, so the estimate keeps being fed.
+
 The window's p99 is judged at most 20 times per window, not at every request: sorting a
 window of a few hundred latencies per answered request would cost the HTTP process, the
 bottleneck under overload, most at exactly the moment it can least afford it.
@@ -60,6 +70,9 @@ class SloPolicy:
     step_up_at: float = 0.8
     step_down_at: float = 0.5
     hold_s: float = 2.0
+    shed_at: float | None = 0.8
+    """At the fastest point, refuse a request predicted to wait past ``shed_at × slo_ms``
+    (None: never refuse; the queue then grows past the SLO under overload)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.slo_ms) and self.slo_ms > 0):
@@ -76,6 +89,8 @@ class SloPolicy:
                 "need 0 < serve.slo.step_down_at < serve.slo.step_up_at <= 1, got "
                 f"{self.step_down_at} and {self.step_up_at}"
             )
+        if self.shed_at is not None and not 0 < self.shed_at <= 1:
+            raise ValueError(f"serve.slo.shed_at must be in (0, 1] or null, got {self.shed_at}")
         if self.window_s <= 0 or self.hold_s < 0 or self.min_samples < 1:
             raise ValueError(
                 "serve.slo.window_s must be > 0, hold_s >= 0 and min_samples >= 1, got "
@@ -93,26 +108,49 @@ class SloController:
     def __init__(self, policy: SloPolicy) -> None:
         self.policy = policy
         self.level = 0
-        self._window: deque[tuple[float, float]] = deque()
+        self._window: deque[tuple[float, float, float]] = deque()
         self._last_switch_s = -math.inf
         self._next_check_s = -math.inf
+        self._service_ms: float | None = None
 
     @property
     def levels(self) -> int:
         return len(self.policy.costs)
 
-    def observe(self, now_s: float, latency_ms: float, in_flight: int = 0) -> Switch | None:
-        """Record one answered request; return the switch it triggers, if any."""
+    @property
+    def service_ms(self) -> float | None:
+        """Per-request service time at the current point (None until the window has enough)."""
+        return self._service_ms
+
+    def predicted_wait_ms(self, in_flight: int) -> float | None:
+        """What a request arriving now, behind ``in_flight`` others, is predicted to wait."""
+        return None if self._service_ms is None else (in_flight + 1) * self._service_ms
+
+    def admits(self, in_flight: int) -> bool:
+        """Whether to take a request arriving behind ``in_flight`` others: always, except at
+        the fastest point when its predicted wait passes ``shed_at × slo_ms``."""
         p = self.policy
-        self._window.append((now_s, latency_ms))
+        wait = self.predicted_wait_ms(in_flight)
+        if p.shed_at is None or wait is None or in_flight == 0 or self.level < self.levels - 1:
+            return True
+        return wait <= p.shed_at * p.slo_ms
+
+    def observe(
+        self, now_s: float, latency_ms: float, in_flight: int = 0, ahead: int = 1
+    ) -> Switch | None:
+        """Record one answered request, which found ``ahead`` requests in the server on
+        arrival (itself included); return the switch it triggers, if any."""
+        p = self.policy
+        self._window.append((now_s, latency_ms, latency_ms / max(ahead, 1)))
         while self._window[0][0] < now_s - p.window_s:
             self._window.popleft()
-        if len(self._window) < p.min_samples or now_s - self._last_switch_s < p.hold_s:
-            return None
-        if now_s < self._next_check_s:
+        if len(self._window) < p.min_samples or now_s < self._next_check_s:
             return None
         self._next_check_s = now_s + p.window_s / CHECKS_PER_WINDOW
-        p99 = float(np.quantile([lat for _, lat in self._window], 0.99))
+        self._service_ms = float(np.median([per for _, _, per in self._window]))
+        if now_s - self._last_switch_s < p.hold_s:
+            return None
+        p99 = float(np.quantile([lat for _, lat, _ in self._window], 0.99))
         target = self.level
         if p99 > p.step_up_at * p.slo_ms and self.level < self.levels - 1:
             target = self.level + 1
@@ -135,4 +173,5 @@ class SloController:
         self.level = target
         self._last_switch_s = now_s
         self._window.clear()
+        self._service_ms = None  # measured at the old point; the new one is judged afresh
         return switch

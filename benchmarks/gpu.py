@@ -89,10 +89,21 @@ def export_images(path: Path, count: int, overrides: list[str]) -> None:
 
 
 def read_images(path: Path) -> tuple[Tensor, Tensor, str]:
-    """The file ``--export-images`` wrote (tensors only: loading it runs no code)."""
-    data = torch.load(path, weights_only=True)
+    """The file ``--export-images`` wrote (tensors only: loading it runs no code; anything
+    else, a crafted pickle included, is refused with one line)."""
+    fix = "write one with --export-images FILE"
+    try:
+        data = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: --images {path} does not exist; {fix}") from None
+    except Exception as error:  # noqa: BLE001 (torch raises many kinds for a bad file)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(
+            f"error: --images {path} is not a tensors-only --export-images file ({first[:160]}); "
+            f"{fix}"
+        ) from None
     if not isinstance(data, dict) or not {"images", "labels"} <= set(data):
-        raise ValueError(f"{path} is not an --export-images file; write one with --export-images")
+        raise SystemExit(f"error: --images {path} is not an --export-images file; {fix}")
     return data["images"], data["labels"], str(data.get("source", ""))
 
 

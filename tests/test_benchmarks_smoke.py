@@ -290,3 +290,37 @@ def test_gpu_benchmark_runs_anywhere_and_renders_a_batch_sweep(digits_ensemble, 
     assert rows["flexible default"]["expected_img_s"] > 0 and result["images"]["count"] == 48
     sweep = run("--render", str(tmp_path / "gpu.json"), str(tmp_path / "gpu.json")).stdout
     assert "| configuration | top-1 % |" in sweep and "| flexible default | " in sweep
+
+
+def test_gpu_benchmark_refuses_a_crafted_pickle_with_one_line_and_runs_nothing(
+    tmp_path, monkeypatch
+):
+    """``--images`` is loaded with ``weights_only``: a pickle that would run a command is
+    refused, the command never runs, and the refusal is one line, as are a missing file and
+    a tensors-only file of the wrong shape."""
+    import pickle
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    crafted = tmp_path / "crafted.pt"
+    crafted.write_bytes(pickle.dumps(Payload()))
+    wrong = tmp_path / "wrong.pt"
+    gpu.torch.save({"tensor": gpu.torch.zeros(2)}, wrong)
+    for path, says in (
+        (crafted, "is not a tensors-only --export-images file"),
+        (tmp_path / "absent.pt", "does not exist"),
+        (wrong, "is not an --export-images file"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            gpu.read_images(path)
+        message = str(refused.value)
+        assert message.startswith(f"error: --images {path}") and says in message
+        assert "\n" not in message and "--export-images FILE" in message
+    assert not marker.exists()

@@ -460,12 +460,34 @@ def test_slo_controller_sheds_only_at_its_fastest_point_and_only_behind_others()
     assert controller.admits(5)  # level 0 steps faster before it sheds anything
     controller.level = 2
     assert controller.admits(3) and not controller.admits(4)  # 80 ms is the edge: 0.8 × SLO
+    assert not controller.admits(3, lag_ms=10.0)  # the HTTP process's own backlog counts too
+    assert controller.predicted_wait_ms(3, lag_ms=10.0) == pytest.approx(90.0)
     assert controller.admits(0)  # an empty server always takes a request, to keep measuring
     never = SloController(SloPolicy(slo_ms=100.0, costs=(2.0, 1.0), min_samples=10, shed_at=None))
     never.level = 1
     for t, lat in steady(0, 1, 50, 500.0):
         never.observe(t, lat, in_flight=3, ahead=1)
     assert never.service_ms == pytest.approx(500.0) and never.admits(100)
+
+
+def test_the_event_loops_lag_shows_a_blocked_http_process():
+    """A request that arrives while the HTTP process is busy waits before the gate sees it;
+    the loop's lag is that wait (here the loop is blocked for 200 ms)."""
+    import asyncio
+    import time
+
+    from flexens.serving.gate import LoopLag
+
+    lag = LoopLag(interval_s=0.05)
+
+    async def scenario() -> float:
+        lag.start()
+        await asyncio.sleep(0.01)
+        time.sleep(0.2)  # the process busy with other work: the timer fires late
+        await asyncio.sleep(0.001)
+        return lag.ms
+
+    assert asyncio.run(scenario()) >= 100.0
 
 
 def test_after_a_switch_slo_mode_forgets_the_old_points_service_time():

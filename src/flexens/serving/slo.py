@@ -19,8 +19,10 @@ requests it admits keep the SLO and a client learns at once to retry elsewhere, 
 after seconds in a queue. The wait is predicted from Little's law: each answered request's
 latency over the requests in the server when it arrived (itself included) is its per-request
 service time at the current point; a newcomer behind ``n`` requests waits about
-``(n + 1)`` times the window's median of it. A request that finds the server empty is always
-admitted, so the estimate keeps being fed.
+``(n + 1)`` times the window's median of it, plus the HTTP process's own backlog: when that
+process is saturated, requests wait in its socket before the gate sees them, and the gate
+measures that wait as the event loop's lag (:class:`flexens.serving.gate.LoopLag`). A
+request that finds the server empty is always admitted, so the estimate keeps being fed.
 
 The window's p99 is judged at most 20 times per window, not at every request: sorting a
 window of a few hundred latencies per answered request would cost the HTTP process, the
@@ -122,15 +124,16 @@ class SloController:
         """Per-request service time at the current point (None until the window has enough)."""
         return self._service_ms
 
-    def predicted_wait_ms(self, in_flight: int) -> float | None:
-        """What a request arriving now, behind ``in_flight`` others, is predicted to wait."""
-        return None if self._service_ms is None else (in_flight + 1) * self._service_ms
+    def predicted_wait_ms(self, in_flight: int, lag_ms: float = 0.0) -> float | None:
+        """What a request arriving now, behind ``in_flight`` others, is predicted to wait,
+        ``lag_ms`` (the HTTP process's backlog) included."""
+        return None if self._service_ms is None else (in_flight + 1) * self._service_ms + lag_ms
 
-    def admits(self, in_flight: int) -> bool:
+    def admits(self, in_flight: int, lag_ms: float = 0.0) -> bool:
         """Whether to take a request arriving behind ``in_flight`` others: always, except at
         the fastest point when its predicted wait passes ``shed_at × slo_ms``."""
         p = self.policy
-        wait = self.predicted_wait_ms(in_flight)
+        wait = self.predicted_wait_ms(in_flight, lag_ms)
         if p.shed_at is None or wait is None or in_flight == 0 or self.level < self.levels - 1:
             return True
         return wait <= p.shed_at * p.slo_ms

@@ -214,7 +214,10 @@ def test_over_max_in_flight_a_request_gets_503_before_its_body_is_read():
 
 def test_at_the_fastest_point_slo_mode_sheds_a_request_that_would_wait_past_the_slo():
     """The gate asks SLO mode before reading anything: behind too many requests at the
-    fastest point the answer is a 503 with the predicted wait, and the shed is counted."""
+    fastest point the answer is a 503 with the predicted wait, and the shed is counted;
+    /metrics shows the service time the prediction uses."""
+    import asyncio
+
     from flexens.serving.gate import RequestGate
     from flexens.serving.points import ServedPoint
 
@@ -245,6 +248,15 @@ def test_at_the_fastest_point_slo_mode_sheds_a_request_that_would_wait_past_the_
     gate.in_flight = 6  # about 70 ms: taken
     status, _ = _gate_call(gate, b"image")
     assert status == 200 and touched == ["submit"]
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scrape = {"type": "http", "path": "/metrics", "method": "GET", "headers": []}
+    asyncio.run(gate(scrape, None, send))
+    assert "flexens_slo_service_time_seconds 0.01" in sent[1]["body"].decode()
+    assert "flexens_event_loop_lag_seconds" in sent[1]["body"].decode()
 
 
 class _Front:

@@ -192,6 +192,10 @@ class RequestGate:
             status = await self._refuse(send, 401, reason)
             return None if metrics else self._count(status)
         if metrics:
+            if self.controller is not None:
+                service = self.controller.service_ms
+                self.metrics.loop_lag.set(self.lag.ms / 1e3)
+                self.metrics.service_time.set(float("nan") if service is None else service / 1e3)
             body = self.metrics.exposition()
             return await reply(send, 200, body, CONTENT_TYPE_LATEST.encode())
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:

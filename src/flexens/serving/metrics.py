@@ -56,6 +56,18 @@ class ServeMetrics:
             registry=r,
         )
         self.in_flight = Gauge("flexens_in_flight", "Requests being answered", registry=r)
+        self.loop_lag = Gauge(
+            "flexens_event_loop_lag_seconds",
+            "How late the HTTP process's event loop last ran a timer: what a new request waits "
+            "before the gate sees it (measured in SLO mode)",
+            registry=r,
+        )
+        self.service_time = Gauge(
+            "flexens_slo_service_time_seconds",
+            "SLO mode's per-request service time at the current point, from which it predicts "
+            "a newcomer's wait (NaN until measured)",
+            registry=r,
+        )
         self.switches = Counter(
             "flexens_slo_switches", "SLO mode changes of operating point", ["direction"], registry=r
         )

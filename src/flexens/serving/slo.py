@@ -14,9 +14,9 @@ step for the same burst).
 
 At the fastest point there is nowhere left to step, and past its capacity the queue, and
 every request's wait, grows without bound. There the controller *sheds*: a request that
-would wait past ``shed_at × slo`` is refused at once (the gate answers 503), so the
-requests it admits keep the SLO and a client learns at once to retry elsewhere, instead of
-after seconds in a queue. The wait is predicted from Little's law: each answered request's
+would wait past ``shed_at × slo`` is refused at once (the gate answers 503), so what it
+admits waits about the SLO rather than seconds, and a client learns at once to retry
+elsewhere. The wait is predicted from Little's law: each answered request's
 latency over the requests in the server when it arrived (itself included) is its per-request
 service time at the current point; a newcomer behind ``n`` requests waits about
 ``(n + 1)`` times the window's median of it, plus the HTTP process's own backlog: when that
@@ -105,7 +105,8 @@ CHECKS_PER_WINDOW = 20
 
 
 class SloController:
-    """Deterministic level selection from observed latencies (level 0: the slowest point)."""
+    """Deterministic level selection from observed latencies (level 0: the slowest point),
+    and admission at the fastest."""
 
     def __init__(self, policy: SloPolicy) -> None:
         self.policy = policy

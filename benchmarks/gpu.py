@@ -25,7 +25,9 @@ import argparse
 import copy
 import json
 import os
+import pickle
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,14 +95,20 @@ def read_images(path: Path) -> tuple[Tensor, Tensor, str]:
     else, a crafted pickle included, is refused with one line)."""
     fix = "write one with --export-images FILE"
     try:
-        data = torch.load(path, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a bad file
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"error: --images {path} does not exist; {fix}") from None
-    except Exception as error:  # noqa: BLE001 (torch raises many kinds for a bad file)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except pickle.UnpicklingError:
         raise SystemExit(
-            f"error: --images {path} is not a tensors-only --export-images file ({first[:160]}); "
-            f"{fix}"
+            f"error: --images {path} holds more than tensors (loading it would run code or "
+            f"build objects), so it is not read; {fix}"
+        ) from None
+    except Exception as error:  # noqa: BLE001 (torch raises many kinds for a bad file)
+        raise SystemExit(
+            f"error: --images {path} is not a readable --export-images file "
+            f"({type(error).__name__}); {fix}"
         ) from None
     if not isinstance(data, dict) or not {"images", "labels"} <= set(data):
         raise SystemExit(f"error: --images {path} is not an --export-images file; {fix}")

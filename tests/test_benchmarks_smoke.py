@@ -313,8 +313,11 @@ def test_gpu_benchmark_refuses_a_crafted_pickle_with_one_line_and_runs_nothing(
     crafted.write_bytes(pickle.dumps(Payload()))
     wrong = tmp_path / "wrong.pt"
     gpu.torch.save({"tensor": gpu.torch.zeros(2)}, wrong)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(wrong.read_bytes()[:50])
     for path, says in (
-        (crafted, "is not a tensors-only --export-images file"),
+        (truncated, "is not a readable --export-images file"),
+        (crafted, "holds more than tensors"),
         (tmp_path / "absent.pt", "does not exist"),
         (wrong, "is not an --export-images file"),
     ):

@@ -410,6 +410,28 @@ def test_max_in_flight_is_checked_with_the_other_settings():
         read_settings(raw, Path("m"), "cpu")
 
 
+def test_slo_settings_of_the_wrong_type_are_refused_with_one_line():
+    from omegaconf import OmegaConf
+
+    from flexens.serving.settings import read_settings
+
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/serve/default.yaml"))
+    raw["slo_ms"] = 50
+    assert read_settings(raw, Path("m"), "cpu").slo["shed_at"] == 0.8
+    for key, value, says in (
+        ("shed_at", "yes", r"^serve.slo.shed_at must be a finite number, got 'yes'$"),
+        ("shed_at", 2, r"^serve.slo.shed_at must be in \(0, 1\] or null, got 2.0$"),
+        ("step_up_at", None, r"^serve.slo.step_up_at must be a finite number, got None$"),
+        ("min_samples", 2.5, r"^serve.slo.min_samples must be a whole number >= 1, got 2.5$"),
+        ("typo", 1, r"^unknown serve.slo setting\(s\) \['typo'\]$"),
+    ):
+        bad = {**raw, "slo": {**raw["slo"], key: value}}
+        with pytest.raises(ValueError, match=says):
+            read_settings(bad, Path("m"), "cpu")
+    never = {**raw, "slo": {**raw["slo"], "shed_at": None}}
+    assert read_settings(never, Path("m"), "cpu").slo["shed_at"] is None
+
+
 def test_slo_controller_steps_faster_under_load_and_back_when_it_drops():
     controller = SloController(POLICY)
     trace = (

@@ -80,6 +80,24 @@ def _default_point(raw: dict) -> tuple[str, float] | None:
     return key, _number(value, f"operating_point.{key}")
 
 
+SLO_NUMBERS = ("window_s", "step_up_at", "step_down_at", "hold_s")
+
+
+def _slo(raw: dict) -> dict:
+    """``serve.slo`` with its values checked for type; :class:`SloPolicy` checks ranges."""
+    unknown = sorted(set(raw) - {"ladder", "min_samples", "shed_at", *SLO_NUMBERS})
+    if unknown:
+        raise ValueError(f"unknown serve.slo setting(s) {unknown}")
+    checked = {k: _number(raw[k], f"slo.{k}") for k in SLO_NUMBERS if k in raw}
+    if "min_samples" in raw:
+        checked["min_samples"] = _whole(raw["min_samples"], "slo.min_samples", 1)
+    if raw.get("shed_at") is not None:
+        checked["shed_at"] = _number(raw["shed_at"], "slo.shed_at")
+    elif "shed_at" in raw:
+        checked["shed_at"] = None
+    return {**raw, **checked}
+
+
 def read_settings(s: dict, members_dir: Path, device: str) -> ServeSettings:
     """Check every ``serve.*`` value (``s``, the group as plain data) before anything is
     loaded; one line per mistake."""
@@ -93,7 +111,7 @@ def read_settings(s: dict, members_dir: Path, device: str) -> ServeSettings:
     if s["batch_timeout"] is None or _number(s["batch_timeout"], "batch_timeout") < 0:
         raise ValueError(f"serve.batch_timeout must be >= 0 seconds, got {s['batch_timeout']!r}")
     slo_ms = None if s["slo_ms"] is None else _number(s["slo_ms"], "slo_ms")
-    slo = dict(s["slo"])
+    slo = _slo(dict(s["slo"]))
     ladder = tuple(_number(e, "slo.ladder") for e in slo.pop("ladder") or [])
     if slo_ms is not None:  # checked now, not at the first request
         SloPolicy(slo_ms, tuple(range(len(ladder) + 1, 0, -1)), **slo)

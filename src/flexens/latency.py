@@ -337,6 +337,11 @@ def curve_batch_sizes(batch_size: int) -> list[int]:
     return sorted(s for s in powers | {batch_size // 16, batch_size // 4} if 1 < s < batch_size)
 
 
+def recorded_batch_sizes(batch_size: int) -> list[int]:
+    """Every batch size a profile's ``curve_ms_per_image`` holds: 1, the curve, ``B``."""
+    return [1, *curve_batch_sizes(batch_size), int(batch_size)]
+
+
 def profile_at_threads(
     networks: Sequence[nn.Module],
     example: torch.Tensor,
@@ -476,7 +481,7 @@ def latency_profile(
         "thread_candidates": candidates,
         "threads": {"batch1": int(best["batch1_ms"]), "batched": int(best["batched_ms_per_image"])},
         "batch_size": batch_size,
-        "curve_batch_sizes": [1, *curve_batch_sizes(batch_size), batch_size],
+        "curve_batch_sizes": recorded_batch_sizes(batch_size),
         "input_shape": list(example.shape[1:]),
         "statistic": f"mean of interleaved rounds without calls over {SPIKE_FACTOR:g}x the median",
         "members": members,
@@ -575,7 +580,7 @@ def profile_problems(
         "network_form": INFERENCE_FORM,
         "thread_candidates": thread_candidates(device),
         "batch_size": int(batch_size),
-        "curve_batch_sizes": [1, *curve_batch_sizes(batch_size), int(batch_size)],
+        "curve_batch_sizes": recorded_batch_sizes(batch_size),
         "input_shape": list(input_shape),
         "cuda_graphs": device.type == "cuda",
     }

@@ -91,10 +91,8 @@ def _slo(raw: dict) -> dict:
     checked = {k: _number(raw[k], f"slo.{k}") for k in SLO_NUMBERS if k in raw}
     if "min_samples" in raw:
         checked["min_samples"] = _whole(raw["min_samples"], "slo.min_samples", 1)
-    if raw.get("shed_at") is not None:
+    if raw.get("shed_at") is not None:  # null: never shed
         checked["shed_at"] = _number(raw["shed_at"], "slo.shed_at")
-    elif "shed_at" in raw:
-        checked["shed_at"] = None
     return {**raw, **checked}
 
 

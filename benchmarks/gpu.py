@@ -6,8 +6,8 @@ synchronisation, against the strongest full ensembles a GPU offers (fused, CUDA 
     python benchmarks/gpu.py --render benchmarks/results/gpu.json --update-docs
 
 A GPU machine usually sees neither the image tree nor the calibration split, so the first
-command writes the first ``--count`` test images, exactly as the model sees them (float32
-after the evaluation transform), with their labels, to one file; the second needs only that
+command writes ``--count`` test images (a seeded random sample of the split), exactly as the
+model sees them (float32 after the evaluation transform), with their labels, to one file; the second needs only that
 file, the member files and the thresholds.json files (``benchmarks/cifar10.py`` writes them
 under ``benchmarks/results/runs``). Every configuration also runs on the CPU of the same
 machine over the same images: how many answers (prediction and exit stage) agree says what
@@ -58,6 +58,7 @@ from flexens.latency import (  # noqa: E402
     measure_configurations,
     reach_fractions,
     resolve_device,
+    timing_sample,
 )
 
 RUNS = ROOT / "benchmarks" / "results" / "runs"
@@ -71,20 +72,22 @@ GRAPH, MEMBER_GRAPHS = ", CUDA graph", ", CUDA-graph members"
 
 # -- inputs ----------------------------------------------------------------------------------
 def export_images(path: Path, count: int, overrides: list[str]) -> None:
-    """The first ``count`` test images as the members see them, and their labels."""
+    """``count`` test images as the members see them (a seeded random sample: the split is
+    sorted by class), and their labels."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="infer", overrides=overrides)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     test = datamodule.test_set
     count = min(count, len(test))
-    samples = [test[i] for i in range(count)]
+    samples = [test[i] for i in timing_sample(len(test), count)]
     torch_save(
         path,
         {
             "images": torch.stack([s[0] for s in samples]).float(),
             "labels": torch.tensor([int(s[1]) for s in samples]),
-            "source": f"first {count} of {len(test)} test images, {' '.join(overrides)}",
+            "source": f"{count} of {len(test)} test images (seeded random sample), "
+            f"{' '.join(overrides)}",
         },
     )
     print(f"wrote {count} images to {path}")

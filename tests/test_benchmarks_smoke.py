@@ -98,15 +98,19 @@ def test_cifar10_benchmark_pipeline_end_to_end_on_digits(tmp_path):
     report = json.loads((tmp_path / "results" / "cifar10.json").read_text())
     names = [row["name"] for row in report["rows"]]
     assert names[:3] == ["member seed=0", "member seed=1", "member seed=2"]
-    assert sum(n.startswith("flexible") for n in names) == 12 and names[-1] == "oracle"
+    assert sum(n.startswith("flexible") for n in names) == 13 and names[-1] == "oracle"
     assert "full ensemble (fused)" in names and any("fused after stage 1" in n for n in names)
     assert report["fused_continuation_identical"] is True
+    assert report["staged_identical"] is True
     assert report["baseline"]["latency"] in ("full ensemble k=3", "full ensemble (fused)")
     rows = {row["name"]: row for row in report["rows"]}
     default = rows["flexible margin λ=10 (default)"]
     assert default["latency_p50_ms"] <= default["latency_p99_ms"]
     assert default["expected_ms"] > 0 and default["expected_img_s"] > 0
     assert default["threads_batch1"] >= 1
+    staged = rows["flexible margin λ=10 (default), staged stream"]  # throughput only
+    assert "latency_mean_ms" not in staged and staged["expected_img_s"] > 0
+    assert staged["throughput_img_s"] > 0 and staged["same_run_img_s"] > 0
     assert sum("certified" in n for n in names) == 2
     for batch in ("batch1", "batch"):  # the inference form timed against the trained form
         form = report["overheads"]["inference_form"][batch]

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flexens.calibration.search import simulate_exits
 from flexens.calibration.simulate import StageTable
-from flexens.ensemble import FlexibleEnsembleModule
+from flexens.ensemble import EnsembleOutput, FlexibleEnsembleModule
 from flexens.halting import get_criterion
 
 
@@ -73,7 +73,8 @@ def test_full_and_first_k_modes():
 
 
 def test_simulation_and_predict_step_agree_sample_by_sample():
-    """Calibration's simulated exits and predictions == FlexibleEnsembleModule's real ones."""
+    """Calibration's simulated exits and predictions == FlexibleEnsembleModule's real ones ==
+    the staged stream's (:mod:`flexens.staged`)."""
     members, x = make_members(n=5), inputs(samples=500)
     labels = torch.randint(0, 5, (len(x),), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -93,6 +94,13 @@ def test_simulation_and_predict_step_agree_sample_by_sample():
         assert np.array_equal(exits, simulate_exits(table, thresholds))  # the search's fast path
         assert np.array_equal(predictions, table.predictions[simulated, np.arange(len(x))])
         assert 1.2 < exits.mean() + 1 < 4.8
+        with torch.inference_mode():
+            staged = module.staged(64).run(x.split(64))
+            one_by_one = EnsembleOutput.cat([module(x[i : i + 1]) for i in range(100)])
+        assert np.array_equal(staged.exit_stage.numpy(), simulated)
+        assert np.array_equal(staged.prediction.numpy(), predictions)
+        assert np.array_equal(one_by_one.exit_stage.numpy(), simulated[:100])  # batch-1 path
+        assert np.array_equal(one_by_one.prediction.numpy(), predictions[:100])
 
 
 def test_oracle_mode_matches_the_simulated_oracle():

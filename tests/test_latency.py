@@ -186,6 +186,63 @@ def test_configurations_are_reported_with_the_thread_count_they_ran_at(one_threa
         assert figures["latency_mean_ms"] > 0 and figures["throughput_img_s"] > 0
 
 
+class CountingStream:
+    """A :class:`flexens.latency.Stream` that counts what it was given and finished."""
+
+    def __init__(self, log: list) -> None:
+        self.log, self.pushed = log, 0
+
+    def __call__(self, x: torch.Tensor) -> None:
+        self.pushed += len(x)
+
+    def finish(self) -> None:
+        self.log.append(self.pushed)
+        self.pushed = 0
+
+    def fresh(self) -> CountingStream:
+        return CountingStream(self.log)
+
+
+def test_a_stream_is_timed_for_throughput_only_with_its_finish(one_thread):
+    """Warm-up work is finished before the timed rounds, the timed pass is finished once,
+    and a stream never runs at batch 1."""
+    x, finished = torch.randn(7, 3, 4, 4), []
+    results = measure_configurations(
+        {"plain": lambda t: t * 2, "stream": CountingStream(finished)},
+        x[:4],
+        x,
+        3,
+        CPU,
+        rounds=2,
+        warmup=1,
+        threads={"batch1": 1, "batched": 1},
+        explore=[],
+    )
+    assert finished == [3, 7]  # the warm-up batch, then the whole stream
+    assert "latency_mean_ms" not in results["stream"] and "threads_batch1" not in results["stream"]
+    assert results["stream"]["throughput_img_s"] > 0 and results["stream"]["threads_batched"] == 1
+    assert results["plain"]["latency_mean_ms"] > 0
+
+
+def test_a_staged_stream_is_priced_at_full_batches():
+    """Staged, member k costs P(reach k) full batches per B images; batch by batch, one
+    call on the P(reach k)·B samples that reach it, dearer per image on this curve."""
+    member = {
+        "batch1_ms": 1.0,
+        "batched_ms_per_image": 0.25,
+        "curve_ms_per_image": [1.0, 0.5, 0.25],
+    }
+    profile = {
+        "batch_size": 16,
+        "curve_batch_sizes": [1, 4, 16],
+        "overhead_ms": 0.0,
+        "members": [member, member],
+    }
+    reach = np.array([1.0, 0.25])
+    assert expected_throughput(profile, reach, staged=True) == pytest.approx(1e3 * 16 / 5.0)
+    assert expected_throughput(profile, reach) == pytest.approx(1e3 * 16 / (4.0 + 2.0))
+
+
 BAD_PROFILES = {
     "not-json": (lambda p: "[1, 2", "is not readable JSON"),
     "old-format": (lambda p: {**p, "format": None}, "has format None"),

@@ -74,6 +74,11 @@ def test_train_calibrate_infer(digits_ensemble):
         fastest / metrics["flexible"]["latency_mean_ms"]
     )
     assert metrics["flexible"]["expected_throughput_img_s"] > 0
+    staged = metrics["flexible_staged"]  # the same answers, every member at full batches
+    assert staged["throughput_img_s"] > 0 and staged["expected_throughput_img_s"] > 0
+    assert staged["accuracy"] == metrics["flexible"]["accuracy"]
+    assert "latency_mean_ms" not in staged and staged["threads_batched"] >= 1
+    assert "flexible_staged" in result.stdout
     assert "full = fastest full ensemble" in result.stdout
     assert metrics["full"]["avg_members"] == 3
     assert metrics["flexible"]["avg_members"] < metrics["full"]["avg_members"]

@@ -69,12 +69,14 @@ def test_per_sample_thresholds_on_a_value_float32_rounds_up_decide_as_a_shared_s
             return p.log()
 
     members = [Fixed(), Fixed()]
-    x = torch.zeros(1, 1)
     margin = get_criterion("margin")
-    shared = run_flexible(members, x, [0.1], margin)
-    per_row = run_flexible(members, x, torch.tensor([[0.1]], dtype=torch.float64), margin)
-    assert shared.confidence.dtype == confidence_at.dtype
-    assert torch.equal(shared.exit_stage, per_row.exit_stage)
+    for batch in (1, 2):  # the batch-of-one path and the batched one
+        x = torch.zeros(batch, 1)
+        shared = run_flexible(members, x, [0.1], margin)
+        rows = torch.full((batch, 1), 0.1, dtype=torch.float64)
+        per_row = run_flexible(members, x, rows, margin)
+        assert shared.confidence.dtype == confidence_at.dtype
+        assert torch.equal(shared.exit_stage, per_row.exit_stage)
 
 
 # -- SLO controller -------------------------------------------------------------------------

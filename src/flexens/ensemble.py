@@ -26,6 +26,7 @@ from flexens.halting import (
     get_criterion,
     validate_thresholds,
 )
+from flexens.staged import StagedStream
 
 MODES = ("flexible", "full", "first_k", "oracle")
 
@@ -139,8 +140,7 @@ class FlexibleEnsembleModule(L.LightningModule):
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> EnsembleOutput:
         """``thresholds``: optional ``(B, N-1)`` per-sample thresholds (``flexible`` mode only),
         for a batch whose samples asked for different operating points."""
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._prepare(x)
         members = self.runners(x)
         if thresholds is not None:
             if self.mode != "flexible":
@@ -160,6 +160,23 @@ class FlexibleEnsembleModule(L.LightningModule):
         probs = run_full(used, x)
         exit_stage = torch.full((x.shape[0],), len(used) - 1, dtype=torch.long, device=x.device)
         return EnsembleOutput(probs=probs, exit_stage=exit_stage, confidence=self.criterion(probs))
+
+    def staged(self, batch_size: int) -> StagedStream:
+        """This ensemble's calibrated thresholds over a stream of batches, every member at
+        ``batch_size`` (:mod:`flexens.staged`): for offline throughput; the members run
+        eagerly and one by one."""
+        return StagedStream(
+            [probability_fn(m) for m in self.members],
+            self.thresholds,
+            self.criterion,
+            batch_size,
+            self._prepare,
+        )
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def predict_step(self, batch, batch_idx: int = 0) -> EnsembleOutput:
         x, target = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)

@@ -99,6 +99,8 @@ def run_flexible(
     limits = thresholds.to(x.device) if per_sample else None
     n, batch = len(members), x.shape[0]
     fns = [probability_fn(m) for m in members]
+    if batch == 1 and tail is None:  # a row of floats compares as the float32 row does
+        return _run_one(fns, x, thresholds[0].tolist() if per_sample else thresholds, criterion)
     if tail is not None:
         fns[tail.first :] = tail.functions()
     active = torch.arange(batch, device=x.device)
@@ -128,6 +130,22 @@ def run_flexible(
             tail.narrow(keep if shrink else None)
         mean = loop.send(keep if shrink else None)
     return EnsembleOutput(probs=probs_out, exit_stage=exit_stage, confidence=confidence)
+
+
+def _run_one(
+    fns: Sequence[ProbabilityFn], x: Tensor, thresholds: Sequence[float], criterion: Criterion
+) -> EnsembleOutput:
+    """:func:`run_flexible` for a batch of one: the same stages and decisions, read on the
+    host once per stage, without the index bookkeeping a batch needs to scatter answers
+    back. At batch 1 on a CPU that bookkeeping is a few small operators per stage, a
+    measurable part of a small member's cost, and a server answers a lone request this way."""
+    last = len(fns) - 1
+    for k, mean in enumerate(running_means(fns, x)):
+        confidence = criterion(mean)
+        if k == last or bool(should_halt(confidence, thresholds[k], is_last=False)):
+            break
+    stage = torch.full((1,), k, dtype=torch.long, device=x.device)
+    return EnsembleOutput(probs=mean, exit_stage=stage, confidence=confidence)
 
 
 def run_prefix(members: Sequence[nn.Module], x: Tensor) -> Tensor:

@@ -6,7 +6,9 @@ when ``confidence > T_k``. The last member always answers. Calibration (simulati
 cached logits) and ``FlexibleEnsembleModule.predict_step`` both call :func:`running_mean`,
 the registered criterion and :func:`should_halt`, so they cannot drift apart, and every
 execution (flexible, full, first-k, oracle, the calibration's stage table) walks the members
-through the one loop :func:`running_means`.
+through the one loop :func:`running_means`. The staged stream (:mod:`flexens.staged`), which
+gathers each stage's batch across input batches, takes that loop's steps one stage at a
+time: :func:`add_member`, :func:`running_mean`, the criterion, :func:`should_halt`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def normalised_negentropy(probs: Tensor) -> Tensor:
     return 1.0 - entropy / math.log(num_classes)
 
 
+def add_member(prob_sum: Tensor | None, probs: Tensor) -> Tensor:
+    """The running sum of probabilities after one more member (the first one starts it)."""
+    return probs if prob_sum is None else prob_sum + probs
+
+
 def running_mean(prob_sum: Tensor, members_seen: int) -> Tensor:
     """Averaged probabilities after ``members_seen`` members, from their running sum."""
     return prob_sum / members_seen
@@ -109,7 +116,7 @@ def running_means(
     prob_sum: Tensor | None = None
     for k, member in enumerate(members, start=1):
         probs = member(inputs)
-        prob_sum = probs if prob_sum is None else prob_sum + probs
+        prob_sum = add_member(prob_sum, probs)
         keep = yield running_mean(prob_sum, k)
         if keep is not None:
             inputs, prob_sum = inputs[keep], prob_sum[keep]

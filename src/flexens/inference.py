@@ -37,6 +37,7 @@ from flexens.latency import (
     expected_throughput,
     measure_configurations,
     reach_fractions,
+    timing_sample,
 )
 from flexens.members.registry import Member, load_member
 from flexens.predict import predict_in_place, predict_trainer
@@ -220,7 +221,8 @@ def measure_latency(
     profile: dict | None = None,
 ) -> dict[str, dict]:
     """Mean (and p50/p90/p99) ms per image at batch 1 and images/s at the serving batch of
-    each mode, plus the fused full ensemble when the members share one architecture: all
+    each mode, plus the fused full ensemble when the members share one architecture and,
+    for ``flexible``, its staged stream (throughput only, :mod:`flexens.staged`): all
     interleaved (:func:`flexens.latency.measure_configurations`): the full ensembles at
     their best thread count, the others at the one the latency profile chose."""
     members = list(module.members)
@@ -239,6 +241,8 @@ def measure_latency(
         fns[mode] = twin
     if can_fuse(members):
         fns[FUSED_FULL] = FusedMembers(members).to(device).full
+    if "flexible" in modes:
+        fns[STAGED] = fns["flexible"].staged(batch_size)
     if device.type == "cuda":  # the fastest full ensemble on a GPU is a graphed one
         for mode in modes:
             fns[mode].prepare_graphs(singles[:1].to(device), batch_size)
@@ -263,6 +267,9 @@ def measure_latency(
 
 FUSED_FULL = "full_fused"
 """The full ensemble as one ``vmap`` call (:class:`flexens.fused.FusedMembers`)."""
+STAGED = "flexible_staged"
+"""Flexible mode over the stream with every member at the serving batch
+(:mod:`flexens.staged`): the same answers, timed for throughput only."""
 GRAPHED = "_graph"
 """Suffix of a full ensemble replayed from CUDA graphs (``full_graph``, ``full_fused_graph``)."""
 FULL_BASELINES = ("full", FUSED_FULL, "full" + GRAPHED, FUSED_FULL + GRAPHED)
@@ -388,7 +395,7 @@ def log_results(logger, metrics: dict, columns: list[str], rows: list[list]) -> 
         {
             f"test/{mode}/{k}": v
             for mode, r in metrics.items()
-            if mode in (*MODES, *FULL_BASELINES) and isinstance(r, dict)
+            if mode in (*MODES, *FULL_BASELINES, STAGED) and isinstance(r, dict)
             for k, v in r.items()
             if isinstance(v, float)
         }
@@ -406,14 +413,16 @@ def compare_modes(
     profile: dict | None = None,
 ) -> tuple[dict, EnsembleOutput, dict]:
     """Accuracy of the configured mode, ``full`` and the oracle and the configured mode's
-    answer for every test sample; measured latency of the first two and of the fused full
-    ensemble against the fastest full one."""
+    answer for every test sample; measured latency of the first two, of the fused full
+    ensemble and (throughput only) of the staged stream against the fastest full one, on a
+    seeded random sample of the test split (:func:`flexens.latency.timing_sample`)."""
     trainer = predict_trainer(device, progress_bar=False)
     test = datamodule.test_set
     n_single = min(int(settings.latency_images), len(test))
     n_stream = min(int(settings.throughput_images), len(test))
-    singles = torch.stack([test[i][0] for i in range(n_single)])
-    stream = torch.stack([test[i][0] for i in range(n_stream)])
+    sample = timing_sample(len(test), max(n_single, n_stream))
+    singles = torch.stack([test[i][0] for i in sample[:n_single]])
+    stream = torch.stack([test[i][0] for i in sample[:n_stream]])
     modes = list(dict.fromkeys([settings.mode, "full"]))
     results, answers = {}, {}
     for mode in [*modes, "oracle"]:  # the oracle needs every member: no latency to claim
@@ -425,8 +434,11 @@ def compare_modes(
     timings = measure_latency(
         module, modes, singles, stream, batch_size, device, warmup, profile=profile
     )
-    for name in timings.keys() - results.keys():  # fused or graphed: full's arithmetic
-        results[name] = {k: results["full"][k] for k in ("accuracy", "avg_members")}
+    for name in timings.keys() - results.keys():  # fused, graphed or staged: same answers
+        if name == STAGED:
+            results[name] = dict(results["flexible"])
+        else:
+            results[name] = {k: results["full"][k] for k in ("accuracy", "avg_members")}
     for name, timing in timings.items():
         results[name].update(timing)
     baseline = fastest_full(results)
@@ -452,7 +464,8 @@ def add_expectations(
 ) -> None:
     """Speed-ups against the fastest full ensemble, and the latency model's predictions
     next to what was measured (a warning when they are far apart)."""
-    result["speedup_latency"] = baseline["latency_mean_ms"] / result["latency_mean_ms"]
+    if "latency_mean_ms" in result:  # a staged stream is timed for throughput only
+        result["speedup_latency"] = baseline["latency_mean_ms"] / result["latency_mean_ms"]
     result["speedup_throughput"] = result["throughput_img_s"] / baseline["throughput_img_s"]
     if mode in expected:
         result["expected_latency_ms"] = expected[mode]
@@ -460,7 +473,7 @@ def add_expectations(
     if profile is not None and "exit_histogram" in result and mode != FUSED_FULL:
         exits = np.repeat(np.arange(len(result["exit_histogram"])), result["exit_histogram"])
         reach = reach_fractions(exits, len(result["exit_histogram"]))
-        result["expected_throughput_img_s"] = expected_throughput(profile, reach)
+        result["expected_throughput_img_s"] = expected_throughput(profile, reach, mode == STAGED)
         if mode == "flexible" and fuse_from is not None:  # the calibration priced one by one
             result["expected_latency_ms"] = expected_latency_ms(profile, reach, fuse_from)
             result["latency_gap"] = result["latency_mean_ms"] / result["expected_latency_ms"] - 1
@@ -549,15 +562,22 @@ def print_table(results: dict, baseline: dict | None = None) -> None:
     )
     for mode, r in results.items():
         lat = r.get("latency_mean_ms")
-        cells = (
-            f"{lat:>8.3f} {r['latency_p50_ms']:>7.3f} {r['latency_p90_ms']:>7.3f} "
-            f"{r['latency_p99_ms']:>7.3f} {r['throughput_img_s']:>8.1f} "
-            f"{r['threads_batch1']:>2}/{r['threads_batched']:<1} "
-            f"{fmt_ms(r.get('expected_latency_ms')):>9} "
-            f"{r['speedup_latency']:>5.2f}×/{r['speedup_throughput']:.2f}×"
-            if lat is not None
-            else " " * 8 + "-"
-        )
+        if lat is not None:
+            cells = (
+                f"{lat:>8.3f} {r['latency_p50_ms']:>7.3f} {r['latency_p90_ms']:>7.3f} "
+                f"{r['latency_p99_ms']:>7.3f} {r['throughput_img_s']:>8.1f} "
+                f"{r['threads_batch1']:>2}/{r['threads_batched']:<1} "
+                f"{fmt_ms(r.get('expected_latency_ms')):>9} "
+                f"{r['speedup_latency']:>5.2f}×/{r['speedup_throughput']:.2f}×"
+            )
+        elif "throughput_img_s" in r:  # staged: throughput only
+            cells = (
+                f"{'-':>8} {'-':>7} {'-':>7} {'-':>7} {r['throughput_img_s']:>8.1f} "
+                f"{'-':>2}/{r['threads_batched']:<1} {'-':>9} {'-':>5}/"
+                f"{r['speedup_throughput']:.2f}×"
+            )
+        else:
+            cells = " " * 8 + "-"
         print(f"{mode:<16} {r['accuracy']:>9.4f} {r['avg_members']:>8.3f} {cells}")
     if baseline:
         print(

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -47,6 +48,8 @@ SPIKE_FACTOR = 3.0
 QUICK_CHECK_TOLERANCE = 0.50
 """A stored profile whose batch-1 ensemble cost is further than this from a quick
 re-measurement is stale."""
+BATCH1_SLICE = 20
+"""Batch-1 timing runs each configuration over at most this many inputs per round."""
 FUSED_MIN_GAIN = 0.05
 """Fused continuation is used only where the model expects it at least this much cheaper."""
 
@@ -539,19 +542,27 @@ def stage_batch_ms(member: dict, sizes: Sequence[int] | None, samples: float) ->
     return float(np.interp(samples, [0, *sizes], calls))
 
 
-def expected_throughput(profile: dict, reach: np.ndarray) -> float:
+def expected_throughput(profile: dict, reach: np.ndarray, staged: bool = False) -> float:
     """Images/s at the serving batch ``B``: member ``k`` runs once per batch on the
     ``P(reach k)·B`` samples that reach it, at that sub-batch's cost, plus the halting
     loop's bookkeeping once for every stage that runs (on a GPU, with its host sync, about
-    what a graphed member costs at batch 1)."""
+    what a graphed member costs at batch 1). ``staged`` (:mod:`flexens.staged`): member
+    ``k`` runs full batches, ``P(reach k)`` of them per ``B`` images, each with its
+    bookkeeping."""
     batch = profile.get("batch_size") or 1
     sizes = profile.get("curve_batch_sizes")
     overhead = profile.get("overhead_ms", 0.0)
-    ms = sum(
-        stage_batch_ms(member, sizes, r * batch) + overhead * min(1.0, r * batch)
-        for member, r in zip(profile["members"], reach, strict=True)
-    )
-    return float(1e3 * batch / ms)
+    if staged:
+        per_batch = [
+            r * (stage_batch_ms(m, sizes, batch) + overhead)
+            for m, r in zip(profile["members"], reach, strict=True)
+        ]
+    else:
+        per_batch = [
+            stage_batch_ms(m, sizes, r * batch) + overhead * min(1.0, r * batch)
+            for m, r in zip(profile["members"], reach, strict=True)
+        ]
+    return float(1e3 * batch / sum(per_batch))
 
 
 def best_fuse_from(profile: dict, reach: np.ndarray) -> int | None:
@@ -618,6 +629,29 @@ def quick_check(
 
 
 # -- measuring configurations against each other ----------------------------------------------
+def timing_sample(total: int, count: int, seed: int = 0) -> list[int]:
+    """Which ``count`` of ``total`` test samples a timing runs, in the order it runs them: a
+    seeded random sample. An ImageFolder split is sorted by class, so its first images are
+    one class: the first 500 CIFAR-10 test images are airplanes, which stop after 1.72
+    members on average at the default operating point against 1.92 over the split, and a
+    batch of consecutive images holds one or two classes."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[: min(count, total)].tolist()
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """A configuration whose calls leave work for later calls (a staged flexible ensemble,
+    :mod:`flexens.staged`): its time over a stream includes ``finish``, which runs what
+    still waits; ``fresh`` is an empty copy, so two timed thread counts never share work."""
+
+    def __call__(self, x: torch.Tensor) -> object: ...
+
+    def finish(self) -> object: ...
+
+    def fresh(self) -> Stream: ...
+
+
 def time_rounds(
     fns: dict[str, Callable[[torch.Tensor], object]],
     inputs: Sequence[torch.Tensor],
@@ -627,7 +661,9 @@ def time_rounds(
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Seconds per input of each configuration: ``inputs`` is cut into ``rounds`` slices,
-    and each round runs every configuration over its slice in a fresh random order."""
+    and each round runs every configuration over its slice in a fresh random order. A
+    :class:`Stream` is emptied after its warm-up, and its ``finish`` after the last round
+    is timed as one more call: the stream's time is the whole pass."""
     names = list(fns)
     rng = np.random.default_rng(seed)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -636,12 +672,17 @@ def time_rounds(
         for name in names:  # warm-up: allocator, thread pool, first-call paths
             for i in range(warmup):
                 fns[name](inputs[i % len(inputs)])
+            if isinstance(fns[name], Stream):
+                fns[name].finish()
         for r in range(0, len(inputs), per_round):
             for i in rng.permutation(len(names)):
                 fn = fns[names[i]]
                 times[names[i]] += [
                     timed_call(lambda x=x, fn=fn: fn(x), device) for x in inputs[r : r + per_round]
                 ]
+        for name in names:
+            if isinstance(fns[name], Stream):
+                times[name].append(timed_call(fns[name].finish, device))
     return {n: np.array(t) for n, t in times.items()}
 
 
@@ -659,7 +700,8 @@ def measure_configurations(
 ) -> dict[str, dict]:
     """Batch-1 latency (mean, p50/p90/p99) and serving-batch throughput of each
     configuration, interleaved, reported at its best thread count for each batch size
-    (recorded as ``threads_batch1``/``threads_batched``).
+    (recorded as ``threads_batch1``/``threads_batched``). A :class:`Stream` is timed for
+    throughput only: at batch 1 it would be the configuration it stages.
 
     Every (configuration, thread count) pair runs in the same rounds, so a slow phase of a
     shared machine hits every thread count alike. ``threads`` (``{"batch1": t, "batched":
@@ -675,7 +717,13 @@ def measure_configurations(
     if threads is None or explore is None or not set(threads.values()) <= set(candidates):
         threads, explore = {"batch1": 0, "batched": 0}, list(fns)
     times: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    for kind, inputs, r, w in (("batch1", ones, rounds, warmup), ("batched", batches, rounds, 1)):
+    # at batch 1, rounds of at most BATCH1_SLICE calls: a slow phase of the machine then
+    # spans every configuration's calls, not a few configurations' whole slice
+    rounds_batch1 = max(rounds, -(-len(ones) // BATCH1_SLICE))
+    for kind, inputs, r, w in (
+        ("batch1", ones, rounds_batch1, warmup),
+        ("batched", batches, rounds, 1),
+    ):
         everywhere = set(explore) | (
             set(fns) if kind == "batch1" and every_thread_count_at_batch1 else set()
         )
@@ -683,7 +731,8 @@ def measure_configurations(
             (n, t): at_threads(fns[n], t)
             for t in candidates
             for n in fns
-            if n in everywhere or t == threads[kind]
+            if (n in everywhere or t == threads[kind])
+            and not (kind == "batch1" and isinstance(fns[n], Stream))
         }
         with num_threads(torch.get_num_threads()):  # restored after the rounds
             measured = time_rounds(pairs, inputs, device, min(r, len(inputs)), w)
@@ -691,23 +740,44 @@ def measure_configurations(
             times.setdefault((n, kind), {})[t] = v
     results = {}
     for name in fns:
-        one, batched = times[(name, "batch1")], times[(name, "batched")]
-        t1 = min(one, key=lambda t: one[t].mean())
+        batched = times[(name, "batched")]
         tb = min(batched, key=lambda t: batched[t].sum())
         results[name] = {
-            **summarize(one[t1]),
             "throughput_img_s": len(stream) / float(batched[tb].sum()),
-            "threads_batch1": t1,
             "threads_batched": tb,
         }
+        if one := times.get((name, "batch1")):
+            t1 = min(one, key=lambda t: one[t].mean())
+            results[name] = summarize(one[t1]) | results[name] | {"threads_batch1": t1}
     return results
 
 
 def at_threads(fn: Callable[[torch.Tensor], object], threads: int) -> Callable:
-    """``fn`` run with ``threads`` intra-op threads (set inside the timed call: a few µs)."""
+    """``fn`` run with ``threads`` intra-op threads (set inside the timed call: a few µs);
+    a :class:`Stream` as an empty copy of its own."""
+    if isinstance(fn, Stream):
+        return _StreamAtThreads(fn.fresh(), threads)
 
     def run(x: torch.Tensor) -> object:
         torch.set_num_threads(threads)
         return fn(x)
 
     return run
+
+
+class _StreamAtThreads:
+    """A :class:`Stream` whose pushes and ``finish`` run with ``threads`` threads."""
+
+    def __init__(self, stream: Stream, threads: int) -> None:
+        self.stream, self.threads = stream, threads
+
+    def __call__(self, x: torch.Tensor) -> object:
+        torch.set_num_threads(self.threads)
+        return self.stream(x)
+
+    def finish(self) -> object:
+        torch.set_num_threads(self.threads)
+        return self.stream.finish()
+
+    def fresh(self) -> _StreamAtThreads:
+        return _StreamAtThreads(self.stream.fresh(), self.threads)

@@ -107,11 +107,9 @@ def expectations(profile: dict, members: list[int], exits: dict, name: str) -> d
     in running order), from the exit stages of exactly the images that were timed."""
     sub = {**profile, "members": [profile["members"][i] for i in members]}
     if name == STAGED:  # throughput only: at batch 1 it is the default point
-        return {
-            "expected_img_s": expected_throughput(
-                sub, reach_fractions(exits["stream"], len(members)), staged=True
-            )
-        }
+        reach = reach_fractions(exits["stream"], len(members))
+        images = len(exits["stream"])
+        return {"expected_img_s": expected_throughput(sub, reach, staged=True, images=images)}
     if name == FUSED_NAME:  # every member fused: stage 0 runs them all
         return {"expected_ms": expected_latency_ms(sub, np.ones(len(members)), fuse_from=0)}
     if name == FUSED_CONTINUATION:

@@ -273,6 +273,8 @@ STAGED = "flexible_staged"
 GRAPHED = "_graph"
 """Suffix of a full ensemble replayed from CUDA graphs (``full_graph``, ``full_fused_graph``)."""
 FULL_BASELINES = ("full", FUSED_FULL, "full" + GRAPHED, FUSED_FULL + GRAPHED)
+REPORTED = (*MODES, *FULL_BASELINES, STAGED)
+"""The rows of ``infer.py``'s table and W&B metrics (metrics.json holds them all)."""
 
 
 def graphed_fulls(
@@ -395,7 +397,7 @@ def log_results(logger, metrics: dict, columns: list[str], rows: list[list]) -> 
         {
             f"test/{mode}/{k}": v
             for mode, r in metrics.items()
-            if mode in (*MODES, *FULL_BASELINES, STAGED) and isinstance(r, dict)
+            if mode in REPORTED and isinstance(r, dict)
             for k, v in r.items()
             if isinstance(v, float)
         }
@@ -443,7 +445,9 @@ def compare_modes(
         results[name].update(timing)
     baseline = fastest_full(results)
     for name in timings:
-        add_expectations(name, results[name], expected, profile, baseline, module.fuse_from)
+        add_expectations(
+            name, results[name], expected, profile, baseline, module.fuse_from, n_stream
+        )
     sizes = {
         "test_samples": len(test),
         "latency_images": n_single,
@@ -461,9 +465,11 @@ def add_expectations(
     profile: dict | None,
     baseline: dict,
     fuse_from: int | None = None,
+    images: int | None = None,
 ) -> None:
     """Speed-ups against the fastest full ensemble, and the latency model's predictions
-    next to what was measured (a warning when they are far apart)."""
+    next to what was measured (a warning when they are far apart). ``images``: how many
+    the throughput timing streamed (a staged stream's last partial batches are priced)."""
     if "latency_mean_ms" in result:  # a staged stream is timed for throughput only
         result["speedup_latency"] = baseline["latency_mean_ms"] / result["latency_mean_ms"]
     result["speedup_throughput"] = result["throughput_img_s"] / baseline["throughput_img_s"]
@@ -473,7 +479,9 @@ def add_expectations(
     if profile is not None and "exit_histogram" in result and mode != FUSED_FULL:
         exits = np.repeat(np.arange(len(result["exit_histogram"])), result["exit_histogram"])
         reach = reach_fractions(exits, len(result["exit_histogram"]))
-        result["expected_throughput_img_s"] = expected_throughput(profile, reach, mode == STAGED)
+        result["expected_throughput_img_s"] = expected_throughput(
+            profile, reach, staged=mode == STAGED, images=images
+        )
         if mode == "flexible" and fuse_from is not None:  # the calibration priced one by one
             result["expected_latency_ms"] = expected_latency_ms(profile, reach, fuse_from)
             result["latency_gap"] = result["latency_mean_ms"] / result["expected_latency_ms"] - 1

@@ -9,9 +9,8 @@ from omegaconf import DictConfig
 
 from flexens.artifacts import write_json
 from flexens.calibration.certificate import certificate_line
-from flexens.ensemble import MODES
 from flexens.inference import (
-    FULL_BASELINES,
+    REPORTED,
     InferSettings,
     build_module,
     evaluate,
@@ -60,7 +59,7 @@ def infer(cfg: DictConfig) -> dict:
         columns, rows = per_sample_rows(per_sample, members[0].meta["class_names"])
         write_csv(run / "predictions.csv", columns, rows)
         print_table(
-            {mode: r for mode, r in metrics.items() if mode in (*MODES, *FULL_BASELINES)},
+            {mode: metrics[mode] for mode in REPORTED if mode in metrics},
             metrics.get("baseline"),
         )
         print(f"metrics: {run / 'metrics.json'}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,10 +422,10 @@ def compare_modes(
     trainer = predict_trainer(device, progress_bar=False)
     test = datamodule.test_set
     n_single = min(int(settings.latency_images), len(test))
-    n_stream = min(int(settings.throughput_images), len(test))
+    n_stream = int(settings.throughput_images)  # a small split is streamed more than once
     sample = timing_sample(len(test), max(n_single, n_stream))
     singles = torch.stack([test[i][0] for i in sample[:n_single]])
-    stream = torch.stack([test[i][0] for i in sample[:n_stream]])
+    stream = torch.stack([test[i][0] for i in itertools.islice(itertools.cycle(sample), n_stream)])
     modes = list(dict.fromkeys([settings.mode, "full"]))
     results, answers = {}, {}
     for mode in [*modes, "oracle"]:  # the oracle needs every member: no latency to claim

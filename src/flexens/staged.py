@@ -2,9 +2,11 @@
 offline throughput (scoring a split or a folder), not for a server's latency.
 
 Batch by batch (:func:`flexens.execution.run_flexible`), member ``k`` sees only the samples
-of its own batch that are still undecided. At the CIFAR-10 default point a batch of 256
-leaves about 100, 60, 45 and 40 samples for members 2 to 5, and a CPU runs calls that small
-at a higher cost per image than the full batch. Here every stage has a queue instead: the
+of its own batch that are still undecided: at the CIFAR-10 default point a batch of 256
+leaves about 100, 80, 40 and 10 samples for members 2 to 5, at the digits quickstart's a
+handful for members 2 and 3. Wherever a call has a fixed cost that a few samples do not
+fill (a GPU, or small members on a CPU) such calls cost far more per image than the full
+batch. Here every stage has a queue instead: the
 samples a stage leaves undecided wait in the next stage's queue until a full batch has
 gathered, so every member call but the last few at the end of the stream runs at the
 serving batch, and a stream costs about the members' batched cost per image times the

@@ -109,7 +109,7 @@ def expectations(profile: dict, members: list[int], exits: dict, name: str) -> d
     if name == STAGED:  # throughput only: at batch 1 it is the default point
         reach = reach_fractions(exits["stream"], len(members))
         images = len(exits["stream"])
-        return {"expected_img_s": expected_throughput(sub, reach, staged=True, images=images)}
+        return {"expected_img_s": expected_throughput(sub, reach, staged_images=images)}
     if name == FUSED_NAME:  # every member fused: stage 0 runs them all
         return {"expected_ms": expected_latency_ms(sub, np.ones(len(members)), fuse_from=0)}
     if name == FUSED_CONTINUATION:

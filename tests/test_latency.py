@@ -239,15 +239,16 @@ def test_a_staged_stream_is_priced_at_full_batches():
         "members": [member, member],
     }
     reach = np.array([1.0, 0.25])
-    assert expected_throughput(profile, reach, staged=True) == pytest.approx(1e3 * 16 / 5.0)
     assert expected_throughput(profile, reach) == pytest.approx(1e3 * 16 / (4.0 + 2.0))
-    # a stream of 64: member 1 runs 4 full batches, member 2 one full and nothing left
-    assert expected_throughput(profile, reach, staged=True, images=64) == pytest.approx(
+    # a stream of 64: member 1 runs 4 full batches, member 2 one full and nothing left:
+    # 5 full batches' cost per 16 images
+    assert expected_throughput(profile, reach, staged_images=64) == pytest.approx(
         1e3 * 64 / (4 * 4.0 + 4.0)
     )
+    assert expected_throughput(profile, reach, staged_images=64) == pytest.approx(1e3 * 16 / 5.0)
     # a stream of 24: member 1 one full batch and a call of 8, member 2 a call of 6
     at_6, at_8 = 2.0 + (6 - 4) / 12 * 2.0, 2.0 + (8 - 4) / 12 * 2.0
-    assert expected_throughput(profile, reach, staged=True, images=24) == pytest.approx(
+    assert expected_throughput(profile, reach, staged_images=24) == pytest.approx(
         1e3 * 24 / (4.0 + at_8 + at_6)
     )
 

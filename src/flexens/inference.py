@@ -481,7 +481,7 @@ def add_expectations(
         exits = np.repeat(np.arange(len(result["exit_histogram"])), result["exit_histogram"])
         reach = reach_fractions(exits, len(result["exit_histogram"]))
         result["expected_throughput_img_s"] = expected_throughput(
-            profile, reach, staged=mode == STAGED, images=images
+            profile, reach, staged_images=images if mode == STAGED else None
         )
         if mode == "flexible" and fuse_from is not None:  # the calibration priced one by one
             result["expected_latency_ms"] = expected_latency_ms(profile, reach, fuse_from)

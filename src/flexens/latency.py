@@ -543,36 +543,33 @@ def stage_batch_ms(member: dict, sizes: Sequence[int] | None, samples: float) ->
 
 
 def expected_throughput(
-    profile: dict, reach: np.ndarray, staged: bool = False, images: int | None = None
+    profile: dict, reach: np.ndarray, staged_images: int | None = None
 ) -> float:
     """Images/s at the serving batch ``B``: member ``k`` runs once per batch on the
     ``P(reach k)·B`` samples that reach it, at that sub-batch's cost, plus the halting
     loop's bookkeeping once for every stage that runs (on a GPU, with its host sync, about
     what a graphed member costs at batch 1).
 
-    ``staged`` (:mod:`flexens.staged`): member ``k`` runs full batches on the
-    ``P(reach k)·images`` samples that reach it, each with its bookkeeping, and one partial
-    batch with what is left when the stream ends; without ``images``, an endless stream.
-    A short stream pays for those partial batches: 450 digits images at ``B = 256`` leave
-    the later members a single call of a few dozen samples."""
+    ``staged_images``: a staged stream (:mod:`flexens.staged`) of that many images instead.
+    Member ``k`` runs full batches on the ``P(reach k)·images`` samples that reach it, each
+    with its bookkeeping, and one partial batch with what is left when the stream ends. A
+    short stream pays for those: 450 digits images at ``B = 256`` leave the later members a
+    single call of a few dozen samples."""
     batch = profile.get("batch_size") or 1
     sizes = profile.get("curve_batch_sizes")
     overhead = profile.get("overhead_ms", 0.0)
     members = list(zip(profile["members"], reach, strict=True))
-    if not staged:
+    if staged_images is None:
         ms = sum(
             stage_batch_ms(m, sizes, r * batch) + overhead * min(1.0, r * batch) for m, r in members
         )
         return float(1e3 * batch / ms)
-    if images is None:
-        ms = sum(r * (stage_batch_ms(m, sizes, batch) + overhead) for m, r in members)
-        return float(1e3 * batch / ms)
     ms = 0.0
     for m, r in members:
-        full, rest = divmod(r * images, batch)
+        full, rest = divmod(r * staged_images, batch)
         ms += full * (stage_batch_ms(m, sizes, batch) + overhead)
         ms += stage_batch_ms(m, sizes, rest) + overhead * min(1.0, rest)
-    return float(1e3 * images / ms)
+    return float(1e3 * staged_images / ms)
 
 
 def best_fuse_from(profile: dict, reach: np.ndarray) -> int | None:

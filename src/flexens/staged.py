@@ -10,7 +10,7 @@ batch. Here every stage has a queue instead: the
 samples a stage leaves undecided wait in the next stage's queue until a full batch has
 gathered, so every member call but the last few at the end of the stream runs at the
 serving batch, and a stream costs about the members' batched cost per image times the
-members used (:func:`flexens.latency.expected_throughput` with ``staged=True``).
+members used (:func:`flexens.latency.expected_throughput` with ``staged_images``).
 
 A sample's arithmetic is the one of :func:`flexens.halting.running_means`: the same running
 sum in the same order (:func:`flexens.halting.add_member`), the same criterion and

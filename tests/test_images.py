@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from flexens.images import IMAGE_SUFFIXES, find_images, load_images, to_model_mode
+from flexens.images import (
+    IMAGE_SUFFIXES,
+    find_images,
+    image_batches,
+    load_images,
+    read_images,
+    to_model_mode,
+)
 
 SIZE = 32
 
@@ -266,3 +273,42 @@ def test_transform_must_return_model_channels_tensor(tmp_path: Path) -> None:
         load_images([path], 3, v2.Compose([v2.Resize(SIZE)]))
     with pytest.raises(ValueError, match="3×H×W"):
         load_images([path], 3, v2.Compose([v2.ToImage(), v2.Grayscale()]))
+
+
+# -- image_batches -------------------------------------------------------------------------
+def test_image_batches_decode_a_folder_a_batch_at_a_time(tmp_path: Path, capsys) -> None:
+    """Batches of the sorted files; a bad file shrinks its batch and is reported; a batch
+    of bad files only is not yielded."""
+    for i in range(5):
+        _save(Image.new("RGB", (40, 30), (i, 0, 0)), tmp_path / f"{i}.png")
+    for name in ("5.png", "6.png"):
+        (tmp_path / name).write_text("not an image")
+    batches = list(image_batches(tmp_path, 3, _transform(), batch_size=2))
+    assert [[p.name for p in b.paths] for b in batches] == [
+        ["0.png", "1.png"],
+        ["2.png", "3.png"],
+        ["4.png"],
+    ]
+    assert [tuple(b.tensors.shape) for b in batches] == [(2, 3, SIZE, SIZE)] * 2 + [
+        (1, 3, SIZE, SIZE)
+    ]
+    whole = read_images(tmp_path, 3, _transform())
+    assert torch.equal(torch.cat([b.tensors for b in batches]), whole.tensors)
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "5.png" in printed and "6.png" in printed
+
+
+def test_image_batches_hold_one_size_across_batches(tmp_path: Path) -> None:
+    a = _save(Image.new("RGB", (40, 30)), tmp_path / "a.png")
+    b = _save(Image.new("RGB", (30, 40)), tmp_path / "b.png")
+    transform = v2.Compose([v2.ToImage(), v2.Resize(SIZE)])
+    with pytest.raises(ValueError, match="fixed size") as info:
+        list(image_batches(tmp_path, 3, transform, batch_size=1))
+    assert str(a) in str(info.value) and str(b) in str(info.value)
+
+
+def test_image_batches_with_nothing_readable_is_one_error_naming_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(ValueError, match="none of the 1 image") as info:
+        list(image_batches(tmp_path, 3, _transform(), batch_size=4))
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)

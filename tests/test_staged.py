@@ -82,3 +82,60 @@ def test_a_finished_stream_starts_empty_and_fresh_streams_are_independent(one_th
 def test_a_staged_stream_needs_a_batch_size():
     with pytest.raises(ValueError, match="batch size >= 1, got 0"):
         StagedStream([lambda x: x], [], lambda p: p.amax(-1), 0)
+
+
+class _Images:
+    """The part of a datamodule that ``predict_images`` uses."""
+
+    @staticmethod
+    def image_transform():
+        from torchvision.transforms import v2
+
+        return v2.Compose(
+            [v2.ToImage(), v2.Resize(12), v2.CenterCrop(12), v2.ToDtype(torch.float32, scale=True)]
+        )
+
+
+@pytest.mark.parametrize("mode", ["flexible", "full"])
+def test_a_folder_is_predicted_as_one_batch_of_it_would_be(one_thread, tmp_path, mode):
+    """``infer.py input=<folder>``: decoded a batch at a time and, in flexible mode, run as
+    a staged stream; every row is what the module answers on the whole folder at once."""
+    import csv
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from flexens.images import read_images
+    from flexens.inference import predict_images
+
+    rng = np.random.default_rng(0)
+    for i in range(23):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i:02}.png"
+        )
+    (tmp_path / "broken.png").write_text("not an image")
+    nets = networks()
+    loaded = read_images(tmp_path, 3, _Images.image_transform())
+    recorded = [Recorded(n) for n in nets]
+    module = FlexibleEnsembleModule(recorded, spread_thresholds(nets, loaded.tensors), mode=mode)
+    with torch.inference_mode():
+        whole = module(loaded.tensors)
+    for r in recorded:
+        r.sizes.clear()
+    member = SimpleNamespace(
+        arch={"in_chans": 3}, meta={"class_names": [str(c) for c in range(10)]}
+    )
+    out = tmp_path / "predictions.csv"
+    result = predict_images(tmp_path, 4, module, _Images(), [member], out)
+    assert result["predicted"] == 23 and result["skipped"] == 1
+    rows = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in rows] == [str(p) for p in loaded.paths]
+    assert [int(r["members_used"]) for r in rows] == (whole.exit_stage + 1).tolist()
+    assert [r["class_name"] for r in rows] == [str(p) for p in whole.prediction.tolist()]
+    sizes = [r.sizes for r in recorded]
+    if mode == "flexible":  # staged: every member call but its last one is a full batch
+        assert len(set(whole.exit_stage.tolist())) == len(nets)
+        assert all(size == 4 for calls in sizes for size in calls[:-1])
+    else:
+        assert sizes == [[4] * 5 + [3]] * len(nets)

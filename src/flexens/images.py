@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +139,7 @@ def load_images(
     paths: Sequence[str | Path],
     in_chans: int,
     transform: Callable[[Image.Image], torch.Tensor],
+    like: tuple[Path, torch.Tensor] | None = None,
 ) -> LoadedImages:
     """Decode, convert (:func:`to_model_mode`) and transform each file; skip and report bad ones.
 
@@ -146,7 +148,8 @@ def load_images(
     images in the wild differ in size and the results are stacked; a transform whose outputs
     differ in shape is a ValueError, not a per-file failure. EXIF orientation is applied, so
     phone photos reach the model upright, as the user sees them. Everything is held in memory:
-    for large folders call this on chunks of ``paths``.
+    for large folders call this on chunks of ``paths`` (:func:`image_batches`), passing an
+    earlier chunk's first image as ``like`` so that every chunk has its size.
     """
     transform = fast_transform(transform)
     tensors: list[torch.Tensor] = []
@@ -164,24 +167,42 @@ def load_images(
         except Exception as error:  # a data-dependent transform failure costs one file only
             failures.append((path, f"transform failed: {_one_line(error)}"))
             continue
-        _check_output(tensor, path, in_chans, (loaded[0], tensors[0]) if tensors else None)
+        _check_output(tensor, path, in_chans, (loaded[0], tensors[0]) if tensors else like)
         tensors.append(tensor)
         loaded.append(path)
     stacked = torch.stack(tensors) if tensors else torch.empty(0)
     return LoadedImages(tensors=stacked, paths=loaded, failures=failures)
 
 
+def image_batches(
+    source: str | Path,
+    in_chans: int,
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+) -> Iterator[LoadedImages]:
+    """What ``input=`` names, decoded ``batch_size`` files at a time, so that a folder of any
+    size costs one batch of memory: each unreadable file is reported on one line and skipped
+    (its batch comes out smaller; a batch of none is not yielded), and when none at all could
+    be read, a one-line error follows the last batch."""
+    paths = find_images(source)
+    first: tuple[Path, torch.Tensor] | None = None
+    for start in range(0, len(paths), batch_size):
+        loaded = load_images(paths[start : start + batch_size], in_chans, transform, first)
+        for path, reason in loaded.failures:
+            print(f"skipped {path}: {reason}")
+        if loaded.paths:
+            first = first or (loaded.paths[0], loaded.tensors[0])
+            yield loaded
+    if first is None:
+        raise ValueError(f"none of the {len(paths)} image(s) under {str(source)!r} could be read")
+
+
 def read_images(
     source: str | Path, in_chans: int, transform: Callable[[Image.Image], torch.Tensor]
 ) -> LoadedImages:
-    """What ``input=`` (or ``calibrate.unlabelled=``) names, loaded: each unreadable file is
-    reported on one line and skipped; none readable is a one-line error."""
-    paths = find_images(source)
-    loaded = load_images(paths, in_chans, transform)
-    for path, reason in loaded.failures:
-        print(f"skipped {path}: {reason}")
-    if not loaded.paths:
-        raise ValueError(f"none of the {len(paths)} image(s) under {str(source)!r} could be read")
+    """What ``input=`` (or ``calibrate.unlabelled=``) names, loaded at once (as
+    :func:`image_batches` reports and refuses)."""
+    [loaded] = image_batches(source, in_chans, transform, batch_size=sys.maxsize)
     return loaded
 
 

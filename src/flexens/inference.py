@@ -31,7 +31,7 @@ from flexens.calibration.schema import Calibration, read_thresholds
 from flexens.cuda_graphs import CudaGraphed
 from flexens.ensemble import MODES, EnsembleOutput, FlexibleEnsembleModule
 from flexens.fused import FusedMembers, can_fuse
-from flexens.images import read_images
+from flexens.images import image_batches
 from flexens.latency import (
     device_name,
     expected_latency_ms,
@@ -526,19 +526,39 @@ def predict_images(
     out: Path,
 ) -> dict:
     """``out`` (predictions.csv) for unlabelled images; unreadable files are reported and
-    skipped."""
-    loaded = read_images(source, members[0].arch.get("in_chans", 3), datamodule.image_transform())
+    skipped.
+
+    The files are decoded a batch at a time (:func:`flexens.images.image_batches`), so a
+    folder of any size costs a few batches of memory. In flexible mode (members one by one)
+    the batches go through the module's staged stream (:mod:`flexens.staged`): the same
+    answers as batch by batch, with every member called on full batches, which is the faster
+    way through a folder (BENCHMARKS.md: the staged stream). Other modes, and fused
+    continuation, run batch by batch.
+    """
+    in_chans = members[0].arch.get("in_chans", 3)
+    batches = image_batches(source, in_chans, datamodule.image_transform(), batch_size)
     device = next(module.parameters()).device
+    staged = module.mode == "flexible" and module.fuse_from is None
+    stream = module.staged(batch_size) if staged else None
+    paths: list[Path] = []
+    outputs: list[EnsembleOutput] = []
+    skipped = 0
     with torch.inference_mode():
-        cat = EnsembleOutput.cat(
-            [module(b.to(device)).cpu() for b in loaded.tensors.split(batch_size)]
-        )
+        for loaded in batches:
+            x = loaded.tensors.to(device)
+            if stream is not None:
+                stream.push(x)
+            else:
+                outputs.append(module(x).cpu())
+            paths += loaded.paths
+            skipped += len(loaded.failures)
+        cat = stream.finish().cpu() if stream is not None else EnsembleOutput.cat(outputs)
     class_names = members[0].meta["class_names"]
     columns = ["file", "class_name", "confidence", "members_used"]
     rows = [
         [str(path), class_names[int(p)], round(float(c), 6), int(e) + 1]
         for path, p, c, e in zip(
-            loaded.paths,
+            paths,
             cat.prediction,
             cat.probs.amax(dim=1),
             cat.exit_stage,
@@ -546,8 +566,8 @@ def predict_images(
         )
     ]
     write_csv(out, columns, rows)
-    print(f"{len(rows)} image(s) predicted, {len(loaded.failures)} skipped: {out}")
-    return {"predictions": str(out), "predicted": len(rows), "skipped": len(loaded.failures)}
+    print(f"{len(rows)} image(s) predicted, {skipped} skipped: {out}")
+    return {"predictions": str(out), "predicted": len(rows), "skipped": skipped}
 
 
 def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:

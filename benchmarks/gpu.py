@@ -17,6 +17,11 @@ CUDA graphs: a full ensemble is one graph per input shape. Flexible execution ca
 graph (which samples go on is decided on the host after each stage), so each member is
 graphed on its own, at sub-batch sizes padded up to a power of two (rows are independent in
 an inference-form member, so padding rows change nothing for the real ones).
+
+Staged stream (``flexens.staged``): each operating point also runs over the stream with
+every member call at the serving batch (the members as CUDA graphs on a GPU), timed for
+throughput only. Batch by batch, members 2..N see sub-batches of tens of samples, which
+leave a GPU's cores idle; staging is the way a GPU keeps them busy offline.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from flexens.inference import (  # noqa: E402
     load_calibrated_members,
 )
 from flexens.latency import (  # noqa: E402
+    Stream,
     expected_latency_ms,
     expected_throughput,
     latency_profile,
@@ -68,6 +74,7 @@ DEFAULT_THRESHOLDS = (
 )
 FULL, FUSED = "full ensemble", "full ensemble (fused)"
 GRAPH, MEMBER_GRAPHS = ", CUDA graph", ", CUDA-graph members"
+STAGED = ", staged stream"
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -123,7 +130,8 @@ def configurations(networks, calibrations, example: Tensor, batch_size: int) -> 
     """name → (callable, the members it runs in profile order, or None where the latency
     model does not price it). The model prices members as inference runs them (CUDA graphs
     on a GPU), so on a GPU the eager rows are comparisons without a prediction. Every graph
-    is captured here, so none is captured while timed."""
+    is captured here, so none is captured while timed. A staged stream (a
+    :class:`~flexens.latency.Stream`) runs its operating point's graphed members on a GPU."""
     n, gpu = len(networks), example.is_cuda
 
     def ensemble(nets, graphs: bool, **kwargs) -> FlexibleEnsembleModule:
@@ -154,13 +162,20 @@ def configurations(networks, calibrations, example: Tensor, batch_size: int) -> 
                 ensemble(networks, True, **point),
                 everyone,
             )
+        module = configs[f"flexible {label}{MEMBER_GRAPHS if gpu else ''}"][0]
+        configs[f"flexible {label}{STAGED}"] = (module.staged(batch_size), everyone)
     return configs
 
 
 def outputs_of(
     fn, images: Tensor, batch_size: int, device: torch.device, members: int
 ) -> EnsembleOutput:
-    """Prediction and exit stage of every image (the fused call's: the last stage)."""
+    """Prediction and exit stage of every image (the fused call's: the last stage; a staged
+    stream's: over the images as one stream, in an empty copy of it)."""
+    if isinstance(fn, Stream):
+        with torch.inference_mode():
+            out = fn.fresh().run(b.to(device) for b in images.split(batch_size))
+        return map_tensors(lambda t: t.cpu().clone(), out)
     parts = []
     with torch.inference_mode():
         for batch in images.split(batch_size):
@@ -233,17 +248,25 @@ def run(args) -> dict:
             "top1": float((out.prediction == labels).float().mean()),
             "avg_members": float((exits + 1).mean()),
             **t,
-            "speedup_latency": baseline["latency_mean_ms"] / t["latency_mean_ms"],
+            "speedup_latency": (
+                baseline["latency_mean_ms"] / t["latency_mean_ms"]
+                if "latency_mean_ms" in t  # a staged stream is timed for throughput only
+                else None
+            ),
             "speedup_throughput": t["throughput_img_s"] / baseline["throughput_img_s"],
             "same_prediction_as_cpu": int((out.prediction == cpu[eager].prediction).sum()),
             "same_exit_as_cpu": int((out.exit_stage == cpu[eager].exit_stage).sum()),
         }
         if order is not None:  # the model prices members one by one
             sub = {**profile, "members": [profile["members"][i] for i in order]}
-            row["expected_ms"] = expected_latency_ms(
-                sub, reach_fractions(exits[: len(singles)], num)
+            staged = name.endswith(STAGED)
+            if not staged:
+                row["expected_ms"] = expected_latency_ms(
+                    sub, reach_fractions(exits[: len(singles)], num)
+                )
+            row["expected_img_s"] = expected_throughput(
+                sub, reach_fractions(stream_ex, num), staged_images=len(stream) if staged else None
             )
-            row["expected_img_s"] = expected_throughput(sub, reach_fractions(stream_ex, num))
         rows.append(row)
     return {
         "machine": {**machine_info(device), "device_type": device.type},
@@ -301,10 +324,10 @@ def markdown(result: dict, command: str) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['name']} | {r['top1'] * 100:.2f} | {r['avg_members']:.3f} "
-            f"| {r['latency_mean_ms']:.3f} | {r['latency_p50_ms']:.3f} "
-            f"| {r['latency_p99_ms']:.3f} | {fmt(r.get('expected_ms'))}"
+            f"| {fmt(r.get('latency_mean_ms'))} | {fmt(r.get('latency_p50_ms'))} "
+            f"| {fmt(r.get('latency_p99_ms'))} | {fmt(r.get('expected_ms'))}"
             f"{'' if r.get('expected_ms') is None else ' (' + fmt(gap(r['latency_mean_ms'], r['expected_ms']), '+.0%') + ')'} "
-            f"| {r['speedup_latency']:.2f}× | {r['throughput_img_s']:.0f} "
+            f"| {fmt(r['speedup_latency'], '.2f', '×')} | {r['throughput_img_s']:.0f} "
             f"| {fmt(r.get('expected_img_s'), '.0f')}"
             f"{'' if r.get('expected_img_s') is None else ' (' + fmt(gap(r['throughput_img_s'], r['expected_img_s']), '+.0%') + ')'} "
             f"| {r['speedup_throughput']:.2f}× "

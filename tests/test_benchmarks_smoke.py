@@ -289,11 +289,19 @@ def test_gpu_benchmark_runs_anywhere_and_renders_a_batch_sweep(digits_ensemble, 
         "full ensemble",
         "full ensemble (fused)",
         "flexible default",
+        "flexible default, staged stream",
     }
     assert all(r["same_prediction_as_cpu"] == r["same_exit_as_cpu"] == 48 for r in rows.values())
     assert rows["flexible default"]["expected_img_s"] > 0 and result["images"]["count"] == 48
+    staged = rows["flexible default, staged stream"]
+    assert staged["speedup_latency"] is None and "latency_mean_ms" not in staged
+    assert (
+        staged["expected_img_s"] > 0
+        and staged["avg_members"] == rows["flexible default"]["avg_members"]
+    )
     sweep = run("--render", str(tmp_path / "gpu.json"), str(tmp_path / "gpu.json")).stdout
     assert "| configuration | top-1 % |" in sweep and "| flexible default | " in sweep
+    assert "| flexible default, staged stream | " in sweep
 
 
 def test_gpu_benchmark_refuses_a_crafted_pickle_with_one_line_and_runs_nothing(

@@ -118,6 +118,21 @@ def test_flexible_execution_on_graphed_members_halts_as_on_eager_ones():
 
 
 @cuda
+def test_a_staged_stream_on_graphed_members_halts_as_batch_by_batch():
+    nets = [n.to(GPU) for n in small_members(3)]
+    graphed = FlexibleEnsembleModule(nets, [0.2, 0.2], cuda_graphs=True)
+    x = torch.randn(40, 3, 8, 8, device=GPU)
+    graphed.prepare_graphs(x[:1], 16)
+    with torch.inference_mode():
+        staged = graphed.staged(16).run(x.split(16))
+        eager = FlexibleEnsembleModule(nets, [0.2, 0.2])(x)
+        runners = graphed.runners(x)
+    assert all(isinstance(m, CudaGraphed) for m in runners)
+    assert torch.equal(staged.exit_stage, eager.exit_stage)
+    torch.testing.assert_close(staged.probs, eager.probs)
+
+
+@cuda
 def test_a_gpu_profile_times_the_members_as_cuda_graphs():
     nets = [n.to(GPU) for n in small_members(2)]
     profile = latency_profile(

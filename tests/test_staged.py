@@ -139,3 +139,17 @@ def test_a_folder_is_predicted_as_one_batch_of_it_would_be(one_thread, tmp_path,
         assert all(size == 4 for calls in sizes for size in calls[:-1])
     else:
         assert sizes == [[4] * 5 + [3]] * len(nets)
+
+
+def test_the_stream_runs_the_members_the_module_picks_for_each_call(one_thread):
+    """A staged stream calls ``runners(x)`` as the module's own forward does (CUDA graphs on a
+    GPU with ``cuda_graphs``), not the raw members."""
+    nets, x = networks(), torch.randn(40, 3, 12, 12)
+    recorded = [Recorded(n) for n in nets]
+    module = FlexibleEnsembleModule(nets, spread_thresholds(nets, x))
+    module.runners = lambda batch: recorded
+    with torch.inference_mode():
+        staged = module.staged(8).run(x.split(8))
+        expected = FlexibleEnsembleModule(nets, module.thresholds)(x)
+    assert torch.equal(staged.exit_stage, expected.exit_stage)
+    assert [sum(r.sizes) for r in recorded] == [(expected.exit_stage >= k).sum() for k in range(4)]

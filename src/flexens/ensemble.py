@@ -163,10 +163,11 @@ class FlexibleEnsembleModule(L.LightningModule):
 
     def staged(self, batch_size: int) -> StagedStream:
         """This ensemble's calibrated thresholds over a stream of batches, every member at
-        ``batch_size`` (:mod:`flexens.staged`): for offline throughput; the members run
-        eagerly and one by one."""
+        ``batch_size`` (:mod:`flexens.staged`): for offline throughput. Each call runs its
+        member as :meth:`runners` picks for it, so from CUDA graphs on a GPU with
+        ``cuda_graphs`` (full batches hit a captured size exactly)."""
         return StagedStream(
-            [probability_fn(m) for m in self.members],
+            [lambda x, k=k: probability_fn(self.runners(x)[k])(x) for k in range(self.num_members)],
             self.thresholds,
             self.criterion,
             batch_size,

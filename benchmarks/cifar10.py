@@ -7,7 +7,8 @@ Members come from ``train.py -m experiment=cifar10 seed=0..K-1`` (finished ones 
 skipped, so a rerun only measures). Thresholds come from ``calibrate()`` on the held-out
 calibration split only; everything is then scored on the test split. Accuracy of flexible
 execution is the module's own output over the whole test split, timed at the serving batch
-size; batch-1 latency is timed image by image on the first ``--latency-images`` test images.
+size; batch-1 latency is timed image by image on ``--latency-images`` test images, a seeded
+random sample of the split (its files are sorted by class).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import overhead  # noqa: E402
+from cells import fmt, gap  # noqa: E402
 
 from flexens.artifacts import replace_marked_section, write_json, write_text  # noqa: E402
 from flexens.calibration.cache import split_probs  # noqa: E402
@@ -559,15 +561,6 @@ def run(args) -> dict:
         "plot": str(plot),
         "oracle": {"avg_members": oracle.avg_members, "latency_ms": oracle.latency_ms},
     }
-
-
-def fmt(value, spec: str = ".3f", suffix: str = "") -> str:
-    return "–" if value is None else f"{value:{spec}}{suffix}"
-
-
-def gap(measured, expected) -> float | None:
-    """Measured over predicted, minus one (None where either is missing)."""
-    return None if not measured or not expected else measured / expected - 1.0
 
 
 def threads_cell(r: dict) -> str:

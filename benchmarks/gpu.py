@@ -31,6 +31,7 @@ import copy
 import json
 import os
 import pickle
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +43,9 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cells import fmt, gap  # noqa: E402
 
 from flexens.artifacts import replace_marked_section, torch_save, write_json, write_text  # noqa: E402
 from flexens.calibration.schema import read_thresholds  # noqa: E402
@@ -284,14 +288,6 @@ def run(args) -> dict:
 
 
 # -- the report ------------------------------------------------------------------------------
-def fmt(value, spec: str = ".3f", suffix: str = "") -> str:
-    return "–" if value is None else f"{value:{spec}}{suffix}"
-
-
-def gap(measured, expected):
-    return None if not measured or not expected else measured / expected - 1.0
-
-
 def markdown(result: dict, command: str) -> str:
     m, base, b = result["machine"], result["baseline"], result["batch_size"]
     n = result["images"]["count"]

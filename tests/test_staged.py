@@ -153,3 +153,25 @@ def test_the_stream_runs_the_members_the_module_picks_for_each_call(one_thread):
         expected = FlexibleEnsembleModule(nets, module.thresholds)(x)
     assert torch.equal(staged.exit_stage, expected.exit_stage)
     assert [sum(r.sizes) for r in recorded] == [(expected.exit_stage >= k).sum() for k in range(4)]
+
+
+def test_infer_table_shows_a_staged_row_and_the_oracle_with_dashes(capsys):
+    """``infer.py``'s table: one format for every row; what a mode was not timed for is -."""
+    from flexens.inference import print_table
+
+    timed = {
+        "latency_mean_ms": 0.5, "latency_p50_ms": 0.4, "latency_p90_ms": 0.6,
+        "latency_p99_ms": 1.0, "throughput_img_s": 9000.0, "threads_batch1": 1,
+        "threads_batched": 2, "expected_latency_ms": 0.45, "speedup_latency": 2.99,
+        "speedup_throughput": 1.5,
+    }  # fmt: skip
+    staged = {"throughput_img_s": 12000.0, "threads_batched": 2, "speedup_throughput": 2.03}
+    rows = {"flexible": timed, "flexible_staged": staged, "oracle": {}}
+    print_table({m: {"accuracy": 0.98, "avg_members": 1.05, **r} for m, r in rows.items()})
+    header, *lines = capsys.readouterr().out.splitlines()
+    flexible, staged_line, oracle = (line.split() for line in lines)
+    assert header.split()[:3] == ["mode", "accuracy", "members"]
+    assert len(flexible) == len(staged_line) == len(oracle) == 11
+    assert flexible[-1] == "2.99×/1.50×" and flexible[-3] == "1/2"
+    assert staged_line[3:7] == ["-"] * 4 and staged_line[-1] == "-/2.03×"
+    assert oracle[3:] == ["-"] * 5 + ["-/-", "-", "-/-"]

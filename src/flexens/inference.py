@@ -578,8 +578,10 @@ def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
     write_text(path, buffer.getvalue())
 
 
-def fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def cell(value: float | None, spec: str = ".3f", suffix: str = "") -> str:
+    """A table cell: ``value`` formatted, or ``-`` where a mode has none (a staged stream
+    has no batch-1 figures, the oracle no timing at all)."""
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def print_table(results: dict, baseline: dict | None = None) -> None:
@@ -587,27 +589,21 @@ def print_table(results: dict, baseline: dict | None = None) -> None:
     fastest full ensemble, named below the table."""
     print(
         f"{'mode':<16} {'accuracy':>9} {'members':>8} {'mean ms':>8} {'p50':>7} {'p90':>7} "
-        f"{'p99':>7} {'img/s':>8} {'thr':>4} {'expect ms':>9} {'speed-up':>9}"
+        f"{'p99':>7} {'img/s':>8} {'thr':>4} {'expect ms':>9} {'speed-up':>11}"
     )
     for mode, r in results.items():
-        lat = r.get("latency_mean_ms")
-        if lat is not None:
-            cells = (
-                f"{lat:>8.3f} {r['latency_p50_ms']:>7.3f} {r['latency_p90_ms']:>7.3f} "
-                f"{r['latency_p99_ms']:>7.3f} {r['throughput_img_s']:>8.1f} "
-                f"{r['threads_batch1']:>2}/{r['threads_batched']:<1} "
-                f"{fmt_ms(r.get('expected_latency_ms')):>9} "
-                f"{r['speedup_latency']:>5.2f}×/{r['speedup_throughput']:.2f}×"
-            )
-        elif "throughput_img_s" in r:  # staged: throughput only
-            cells = (
-                f"{'-':>8} {'-':>7} {'-':>7} {'-':>7} {r['throughput_img_s']:>8.1f} "
-                f"{'-':>2}/{r['threads_batched']:<1} {'-':>9} {'-':>5}/"
-                f"{r['speedup_throughput']:.2f}×"
-            )
-        else:
-            cells = " " * 8 + "-"
-        print(f"{mode:<16} {r['accuracy']:>9.4f} {r['avg_members']:>8.3f} {cells}")
+        threads = f"{cell(r.get('threads_batch1'), 'd')}/{cell(r.get('threads_batched'), 'd')}"
+        speedup = (
+            f"{cell(r.get('speedup_latency'), '.2f', '×')}/"
+            f"{cell(r.get('speedup_throughput'), '.2f', '×')}"
+        )
+        print(
+            f"{mode:<16} {r['accuracy']:>9.4f} {r['avg_members']:>8.3f} "
+            f"{cell(r.get('latency_mean_ms')):>8} {cell(r.get('latency_p50_ms')):>7} "
+            f"{cell(r.get('latency_p90_ms')):>7} {cell(r.get('latency_p99_ms')):>7} "
+            f"{cell(r.get('throughput_img_s'), '.1f'):>8} {threads:>4} "
+            f"{cell(r.get('expected_latency_ms')):>9} {speedup:>11}"
+        )
     if baseline:
         print(
             f"full = fastest full ensemble: {baseline['latency']} at batch 1, "

@@ -97,7 +97,7 @@ class _Images:
 
 
 @pytest.mark.parametrize("mode", ["flexible", "full"])
-def test_a_folder_is_predicted_as_one_batch_of_it_would_be(one_thread, tmp_path, mode):
+def test_a_folder_is_predicted_as_the_module_answers_it_whole(one_thread, tmp_path, mode):
     """``infer.py input=<folder>``: decoded a batch at a time and, in flexible mode, run as
     a staged stream; every row is what the module answers on the whole folder at once."""
     import csv
@@ -152,7 +152,8 @@ def test_the_stream_runs_the_members_the_module_picks_for_each_call(one_thread):
         staged = module.staged(8).run(x.split(8))
         expected = FlexibleEnsembleModule(nets, module.thresholds)(x)
     assert torch.equal(staged.exit_stage, expected.exit_stage)
-    assert [sum(r.sizes) for r in recorded] == [(expected.exit_stage >= k).sum() for k in range(4)]
+    reached = [int((expected.exit_stage >= k).sum()) for k in range(4)]
+    assert [sum(r.sizes) for r in recorded] == reached
 
 
 def test_infer_table_shows_a_staged_row_and_the_oracle_with_dashes(capsys):

@@ -319,9 +319,64 @@ def test_the_gate_hands_decoded_pixels_to_the_workers_and_answers_itself():
     sent = payloads[0]
     assert sent["shape"] == (1, 2, 2) and sent["thresholds"] == (0.5,)
     assert sent["point"] == "calibrated" == answer["operating_point"]
+    assert sent["in_flight"] == 1  # itself: the worker waits for no one else
     pixels = torch.frombuffer(bytearray(sent["x"]), dtype=torch.float32)
     assert torch.equal(pixels, torch.full((4,), 0.25))
     assert "flexens_members_used_sum 2.0" in gate.metrics.exposition().decode()
+
+
+class _Queue:
+    """A request queue whose ``get`` with a timeout (the worker waiting) is recorded and
+    hands over the requests still on their way, one per call, then reports it empty."""
+
+    def __init__(self, queued: list, on_the_way: list) -> None:
+        self.queued, self.on_the_way, self.waits = list(queued), list(on_the_way), 0
+
+    def get(self, timeout: float):
+        from queue import Empty
+
+        if self.queued:  # the loop's first, blocking get
+            return self.queued.pop(0)
+        self.waits += 1
+        if not self.on_the_way:
+            raise Empty
+        return self.on_the_way.pop(0)
+
+    def get_nowait(self):
+        from queue import Empty
+
+        if not self.queued:
+            raise Empty
+        return self.queued.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("counts", "on_the_way", "batch", "waits"),
+    [
+        ([1], 2, 1, 0),  # a lone request never waits, even with others arriving later
+        ([3, 3], 2, 3, 1),  # one more was admitted: wait for it, and no longer
+        ([2, 4], 0, 2, 1),  # admitted ones that never come: one wait, up to the timeout
+        ([None], 2, 3, 3),  # no count (another front door): wait until the queue is empty
+    ],
+)
+def test_the_worker_waits_only_for_requests_the_gate_admitted(counts, on_the_way, batch, waits):
+    """DrainingLoop: after what is queued, it waits (at most ``batch_timeout``) only while
+    its batch holds fewer requests than the gate counted in the server."""
+    from types import SimpleNamespace
+
+    from flexens.serving.api import DrainingLoop
+
+    def request(i: int, count: int | None):
+        payload = {"x": b"", "shape": (1,), "thresholds": None, "point": "p"}
+        return (0, f"uid{i}", time.monotonic(), payload | {"in_flight": count})
+
+    queue = _Queue(
+        [request(i, c) for i, c in enumerate(counts)],
+        [request(10 + i, 3) for i in range(on_the_way)],
+    )
+    api = SimpleNamespace(max_batch_size=8, batch_timeout=30.0, request_timeout=30.0)
+    payloads, timed_out = DrainingLoop().get_batch_requests(api, queue, None)
+    assert len(payloads) == batch and timed_out == [] and queue.waits == waits
 
 
 def test_a_worker_error_reaches_the_client_with_its_status_and_one_line():

@@ -34,9 +34,14 @@ class DrainingLoop(BatchedLoop):
     LitServe's batched loop holds every batch open for ``batch_timeout``, even a batch of
     one on an idle server, so that delay is paid by every request; with ``batch_timeout=0``
     it polls an empty queue in a busy loop instead, taking a core. This loop blocks for the
-    first request, then takes whatever else is already queued (up to ``max_batch_size``),
-    waiting at most ``batch_timeout`` more to fill it. Under load, requests pile up while a
-    batch computes, so batches grow exactly when there is load to batch.
+    first request, then takes whatever else is already queued (up to ``max_batch_size``).
+    It waits at most ``batch_timeout`` more, and only for requests the gate has admitted
+    that are not in the batch yet: each payload carries the gate's count of requests in
+    the server when it was submitted (``in_flight``), and while the batch holds fewer, the
+    missing ones are being read or decoded a moment behind. A lone request (count 1) never
+    waits. Under load the batch fills with them rather than leaving them to the next
+    round: the members' cost per image falls steeply from one sample to a few
+    (BENCHMARKS.md, serving).
     """
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Queue, transport):
@@ -48,14 +53,16 @@ class DrainingLoop(BatchedLoop):
         while len(items) < lit_api.max_batch_size:
             try:
                 items.append(request_queue.get_nowait())
+                continue
             except Empty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    items.append(request_queue.get(timeout=remaining))
-                except Empty:
-                    break
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or len(items) >= admitted(items):
+                break
+            try:
+                items.append(request_queue.get(timeout=remaining))
+            except Empty:
+                break
         return self._sort(lit_api, items)
 
     @staticmethod
@@ -72,6 +79,16 @@ class DrainingLoop(BatchedLoop):
             else:
                 payloads.append((response_queue_id, uid, payload))
         return payloads, timed_out
+
+
+def admitted(items: list) -> float:
+    """The most requests the gate counted in the server when it submitted one of ``items``
+    (a request without that count, or the stop sentinel: no limit, wait the full timeout)."""
+    counts = []
+    for *_, payload in items:
+        count = payload.get("in_flight") if isinstance(payload, dict) else None
+        counts.append(float("inf") if count is None else count)
+    return max(counts)
 
 
 class EnsembleAPI(ls.LitAPI):

@@ -250,6 +250,7 @@ class RequestGate:
             "shape": tuple(x.shape),
             "thresholds": point.thresholds,
             "point": point.name,
+            "in_flight": self.in_flight,  # how many the worker may wait for (DrainingLoop)
         }
         try:
             answer = await self.submit(payload)

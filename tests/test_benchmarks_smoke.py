@@ -339,3 +339,14 @@ def test_gpu_benchmark_refuses_a_crafted_pickle_with_one_line_and_runs_nothing(
         assert message.startswith(f"error: --images {path}") and says in message
         assert "\n" not in message and "--export-images FILE" in message
     assert not marker.exists()
+
+
+def test_serve_ab_refuses_a_variant_that_is_not_an_override(capsys, monkeypatch):
+    """serve_ab.py compares two ``KEY=VALUE`` settings; anything else is one line, no server."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import serve_ab
+
+    with pytest.raises(SystemExit):
+        serve_ab.main(["serve.batch_timeout", "serve.batch_timeout=0.002"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'serve.batch_timeout' is not an override; write KEY=VALUE" in error

@@ -20,7 +20,8 @@ processes do not outlive it.
    route it replaces is never reached, so the door checks ``LIT_SERVER_API_KEY`` itself.
 
 On a one-core server the transport alone gives flexible serving 15–27 % more throughput
-(``benchmarks/serve_transport.py``; BENCHMARKS.md). Drop each fix once LitServe has it.
+(``benchmarks/serve_ab.py serve.fast_queue=false serve.fast_queue=true``; BENCHMARKS.md).
+Drop each fix once LitServe has it.
 
 LitServe ends its HTTP and worker processes when the main process stops normally, but
 nothing watches for a main process that is killed (``kill -9``, the OOM killer): its

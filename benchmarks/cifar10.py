@@ -45,6 +45,7 @@ from flexens.fused import FusedMembers, can_fuse  # noqa: E402
 from flexens.halting import get_criterion  # noqa: E402
 from flexens.inference import add_expectations, fastest_full  # noqa: E402
 from flexens.latency import (  # noqa: E402
+    BATCH1_SLICE,
     at_threads,
     expected_latency_ms,
     expected_throughput,
@@ -580,8 +581,8 @@ def markdown(result: dict, command: str, elapsed_s: float) -> str:
         "",
         f"Test split: {result['test_samples']} images; top-1 and average members over all of it. "
         f"Timing interleaves all configurations in {result['rounds']} rounds at the serving "
-        "batch and in rounds of at most 20 images at batch 1, each thread count tried in the "
-        "same rounds; at batch 1 every configuration is timed at 1 and 2 "
+        f"batch and in rounds of at most {BATCH1_SLICE} images at batch 1, each thread count "
+        "tried in the same rounds; at batch 1 every configuration is timed at 1 and 2 "
         "threads and reported at its best, at the serving batch the two full ensembles "
         "(sequential and fused) too and the others at the thread count the latency profile "
         "chose (`thr`: batch 1 / serving batch). The "

@@ -6,11 +6,11 @@ of its own batch that are still undecided: at the CIFAR-10 default point a batch
 leaves about 100, 80, 40 and 10 samples for members 2 to 5, at the digits quickstart's a
 handful for members 2 and 3. Wherever a call has a fixed cost that a few samples do not
 fill (a GPU, or small members on a CPU) such calls cost far more per image than the full
-batch. Here every stage has a queue instead: the
-samples a stage leaves undecided wait in the next stage's queue until a full batch has
-gathered, so every member call but the last few at the end of the stream runs at the
-serving batch, and a stream costs about the members' batched cost per image times the
-members used (:func:`flexens.latency.expected_throughput` with ``staged_images``).
+batch. Here every stage has a queue instead: the samples a stage leaves undecided wait in
+the next stage's queue until a full batch has gathered, so every member call but the last
+few at the end of the stream runs at the serving batch, and a stream costs about the
+members' batched cost per image times the members used
+(:func:`flexens.latency.expected_throughput` with ``staged_images``).
 
 A sample's arithmetic is the one of :func:`flexens.halting.running_means`: the same running
 sum in the same order (:func:`flexens.halting.add_member`), the same criterion and

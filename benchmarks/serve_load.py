@@ -126,16 +126,21 @@ def labelled_images(data: str, count: int, folder: Path) -> list[tuple[str, str]
 
 class Server:
     """``serve.py`` in a subprocess on the loopback interface, stopped on exit (or, with
-    ``command``, another server on ``args.port``)."""
+    ``command``, another server on ``args.port``; with ``root``, the ``serve.py`` and
+    ``src`` of another checkout, run in this one)."""
 
     def __init__(
-        self, args: argparse.Namespace, *overrides: str, command: list[str] | None = None
+        self,
+        args: argparse.Namespace,
+        *overrides: str,
+        command: list[str] | None = None,
+        root: Path = ROOT,
     ) -> None:
         self.url = f"http://127.0.0.1:{args.port}"
         self.log = Path(tempfile.mkdtemp()) / "server.log"
         command = command or [
             sys.executable,
-            str(ROOT / "serve.py"),
+            str(root / "serve.py"),
             f"data={args.data}",
             f"paths.members_dir={args.members_dir}",
             f"serve.thresholds={args.thresholds}",
@@ -143,7 +148,7 @@ class Server:
             "serve.threads=1",
             *overrides,
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
         with self.log.open("w") as sink:
             self.process = subprocess.Popen(
                 command,

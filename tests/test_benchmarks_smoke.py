@@ -349,4 +349,22 @@ def test_serve_ab_refuses_a_variant_that_is_not_an_override(capsys, monkeypatch)
     with pytest.raises(SystemExit):
         serve_ab.main(["serve.batch_timeout", "serve.batch_timeout=0.002"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "'serve.batch_timeout' is not an override; write KEY=VALUE" in error
+    assert "'serve.batch_timeout' is neither an override (KEY=VALUE) nor a revision" in error
+
+
+def test_serve_ab_runs_a_revision_from_a_worktree_it_removes(tmp_path, monkeypatch):
+    """``@REV``: that commit's serve.py and src/ in a temporary worktree, gone afterwards;
+    a revision git does not know is one line."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import serve_ab
+
+    with serve_ab.server_of("@HEAD", tmp_path) as (root, overrides):
+        assert (root / "serve.py").is_file() and (root / "src/flexens").is_dir()
+        assert overrides == ()
+    assert not root.exists()
+    with serve_ab.server_of("serve.mode=full", tmp_path) as (root, overrides):
+        assert root == ROOT and overrides == ("serve.mode=full",)
+    with pytest.raises(SystemExit) as refused, serve_ab.server_of("@no-such-revision", tmp_path):
+        pass
+    message = str(refused.value)
+    assert message.startswith("error: cannot check out @no-such-revision") and "\n" not in message

@@ -94,40 +94,56 @@ def steady(start: float, seconds: float, rate: float, latency: float, jitter: fl
 
 
 # -- LitServe plumbing ------------------------------------------------------------------------
-def test_responses_cross_the_zeromq_broker_from_a_worker_to_the_http_process():
-    """fast_queue's transport as the processes see it: the worker's copy is unpickled (no
-    broker, its publisher connected at once), the HTTP process subscribes, and a response
-    crosses the broker (LitServe #751 swapped its two addresses)."""
+def test_responses_cross_the_pipe_from_a_worker_to_the_http_process():
+    """fast_queue's response transport as the processes see it: the worker's copy (as
+    spawned with it) holds the write ends only; the HTTP process reads whole messages,
+    however the pipe's bytes arrive, and an answer too large for one atomic write becomes a
+    500 that says why."""
     import asyncio
-    import pickle
+    import os
+    import select
     from queue import Empty
 
-    import zmq
+    from litserve.utils import LitAPIStatus, LoopResponseType
 
-    from flexens.serving.transport import BrokeredZMQTransport
+    from flexens.serving.transport import PipeTransport, WorkerFailed, _frame
 
-    transport = BrokeredZMQTransport.started()
-    worker = pickle.loads(pickle.dumps(transport))
-    assert worker.broker is None and worker._zmq is not None  # publishing already
-    http = BrokeredZMQTransport(None, transport.backend_address, transport.frontend_address)
-    http.setup(zmq.SUB, consumer_id=0)
-    answer = ("uid-1", ({"class_index": 3}, 200))
+    transport = PipeTransport.opened(2)
+    rebuild, args = transport.__reduce__()  # what a spawned worker is given
+    assert rebuild is PipeTransport and args == ([], transport.writers)
+    worker = rebuild(*args)
+    answers = [
+        (f"uid-{i}", ({"class_index": i}, LitAPIStatus.OK, LoopResponseType.REGULAR, 0))
+        for i in range(3)
+    ]
+    huge = (
+        "uid-huge",
+        ({"x": "y" * select.PIPE_BUF}, LitAPIStatus.OK, LoopResponseType.REGULAR, 1),
+    )
 
-    async def deliver():  # a subscription takes a moment to reach the publisher: resend
-        for _ in range(100):
-            worker.send(answer, consumer_id=0)
-            try:
-                return await http.areceive(0, timeout=0.1)
-            except Empty:
-                continue
-        raise AssertionError("no response crossed the broker in 10 s")
+    async def receive():
+        for answer in answers[:2]:
+            worker.send(answer, consumer_id=1)
+        split = _frame(answers[2])  # one message in two writes: read when it is whole
+        os.write(transport.writers[1].fileno(), split[:5])
+        first = [await transport.areceive(1), await transport.areceive(1)]
+        with pytest.raises(Empty):
+            await transport.areceive(1, timeout=0.05)
+        os.write(transport.writers[1].fileno(), split[5:])
+        worker.send(huge, consumer_id=1)
+        return first + [await transport.areceive(1), await transport.areceive(1)]
 
-    try:
-        assert asyncio.run(deliver()) == answer
-    finally:
-        http.close()
-        worker.close()
-    transport.close()  # the parent never opened a socket: nothing to close, no error
+    got = asyncio.run(receive())
+    assert got[:3] == answers
+    uid, (error, status, response_type, worker_id) = got[3]
+    assert (uid, status, response_type, worker_id) == (
+        "uid-huge",
+        LitAPIStatus.ERROR,
+        LoopResponseType.REGULAR,
+        1,
+    )
+    failure = WorkerFailed.from_response(error)
+    assert failure.status == 500 and "over the transport's" in failure.detail
 
 
 def test_the_endpoint_guard_is_awaited_not_run_in_a_thread():
@@ -377,6 +393,77 @@ def test_the_worker_waits_only_for_requests_the_gate_admitted(counts, on_the_way
     api = SimpleNamespace(max_batch_size=8, batch_timeout=30.0, request_timeout=30.0)
     payloads, timed_out = DrainingLoop().get_batch_requests(api, queue, None)
     assert len(payloads) == batch and timed_out == [] and queue.waits == waits
+
+
+def test_the_worker_answers_each_batch_as_litserves_own_loop_does():
+    """DrainingLoop calls the API's methods directly; LitServe's loop (which runs when a
+    callback is registered) gives every request the same answer: a 504 for one that waited
+    too long, the API's answers, an ``HTTPException``'s status or a 500 for a whole batch."""
+    import queue
+    from types import SimpleNamespace
+
+    import litserve as ls
+    from fastapi import HTTPException
+    from litserve.callbacks.base import Callback, CallbackRunner
+    from litserve.loops.base import _SENTINEL_VALUE
+    from litserve.utils import LitAPIStatus
+
+    from flexens.serving.api import DrainingLoop
+    from flexens.serving.transport import WorkerFailed
+
+    class Api(ls.LitAPI):
+        def setup(self, device):
+            pass
+
+        def batch(self, xs):
+            return list(xs)
+
+        def unbatch(self, ys):
+            return ys
+
+        def predict(self, xs):
+            if "http" in xs:
+                raise HTTPException(422, detail="unprocessable")
+            if "boom" in xs:
+                raise ValueError("boom")
+            return [x.upper() for x in xs]
+
+        def encode_response(self, y):
+            return {"answer": y}
+
+    def answers(callbacks: list) -> list:
+        api = Api(max_batch_size=3, batch_timeout=0.0)
+        api.request_timeout = 30.0
+        requests = queue.Queue()
+        kinds = ["ok", "ok", "ok", "http", "ok", "ok", "boom", "ok", "ok"]
+        for i, kind in enumerate(kinds):
+            born = time.monotonic() - (60 if i == 0 else 0)  # the first waited too long
+            requests.put((0, f"u{i}", born, kind))
+        requests.put(_SENTINEL_VALUE)
+        sent = []
+        transport = SimpleNamespace(send=lambda item, consumer_id: sent.append(item))
+        loop = DrainingLoop()
+        loop.run_batched_loop(api, requests, transport, CallbackRunner(callbacks))
+        out = []
+        for uid, (data, status, _, _) in sent:
+            if status == LitAPIStatus.ERROR:
+                data = WorkerFailed.from_response(data).status
+            out.append((uid, status, data))
+        return sorted(out)
+
+    ours = answers([])
+    assert ours == answers([Callback()])
+    assert [status for _, _, status in ours] == [
+        504,
+        {"answer": "OK"},
+        {"answer": "OK"},
+        422,
+        422,
+        422,
+        500,
+        500,
+        500,
+    ]
 
 
 def test_a_worker_error_reaches_the_client_with_its_status_and_one_line():

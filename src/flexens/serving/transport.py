@@ -6,8 +6,8 @@ processes do not outlive it.
    travels through a multiprocessing Manager queue (a round trip through a third process)
    and the HTTP process waits for each one in a thread. Its ZeroMQ wiring also swaps the
    broker's two addresses, so setting the type alone would leave every request hanging.
-   :class:`FastQueueLitServer` builds the ZeroMQ transport as PR #752 does; each worker's
-   publisher connects when the worker starts (:func:`publisher`) and sends no ping.
+   With ``fast_queue``, :class:`FastQueueLitServer` sends responses over plain pipes
+   instead (:class:`PipeTransport`), which cost less than even a working ZeroMQ broker.
 2. With it, requests go to the workers through a plain ``multiprocessing.Queue`` instead of
    a Manager queue: a pipe, without the Manager's round trip per request.
 3. Without an API key, LitServe guards its routes with a synchronous no-op dependency,
@@ -36,67 +36,107 @@ import ctypes
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
+import struct
 import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
 from multiprocessing.managers import SyncManager
+from queue import Empty
 
 import litserve as ls
-import zmq
 from litserve import server as litserve_server
+from litserve.transport.base import MessageTransport
 from litserve.transport.factory import create_transport_from_config
-from litserve.transport.zmq_queue import Broker, Producer
-from litserve.transport.zmq_transport import ZMQTransport
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus, PickleableHTTPException, ResponseBufferItem
 
 
-class BrokeredZMQTransport(ZMQTransport):
-    """ZeroMQ responses through a broker this process started: workers publish to its
-    backend, HTTP processes subscribe at its frontend."""
+class PipeTransport(MessageTransport):
+    """Responses from the workers to the HTTP processes over one OS pipe per HTTP process.
 
-    def __init__(self, broker: Broker | None, backend_address: str, frontend_address: str):
-        super().__init__(backend_address, frontend_address)
-        self.broker = broker
+    Each response is one length-prefixed pickle written by one ``write`` of at most
+    ``PIPE_BUF`` bytes, which POSIX makes atomic: any number of workers write to the same
+    pipe without a lock, and no reader ever sees half of one, even from a worker killed
+    while writing. The HTTP process's event loop reads the pipe when it is readable. So a
+    response wakes one process, the one awaiting it; through ZeroMQ it crossed a broker
+    thread in a third process and the I/O threads of three ZeroMQ contexts, about 0.15 ms
+    more per request at batch 1 on a one-core server (BENCHMARKS.md, serving).
+    """
+
+    def __init__(self, readers: list, writers: list) -> None:
+        self.readers, self.writers = readers, writers
+        self._inbox: asyncio.Queue | None = None
 
     @classmethod
-    def started(cls) -> BrokeredZMQTransport:
-        broker = Broker()
-        broker.start()
-        return cls(broker, broker.backend_address, broker.frontend_address)
+    def opened(cls, num_consumers: int) -> PipeTransport:
+        """A pipe for each HTTP process (they fork, and keep their read ends)."""
+        pipes = [mp.get_context("spawn").Pipe(duplex=False) for _ in range(num_consumers)]
+        return cls([reader for reader, _ in pipes], [writer for _, writer in pipes])
 
-    def setup(self, operation, consumer_id: int | None = None) -> None:
-        """As LitServe's, but a publisher sends no ``__ping__``: a subscriber that received one
-        would fail to unpickle it and LitServe's response loop would stop for good."""
-        if operation == zmq.PUB:
-            self._zmq = Producer(address=self.backend_address)
-        else:
-            super().setup(operation, consumer_id)
+    def __reduce__(self):  # a spawned worker gets the write ends only
+        return PipeTransport, ([], self.writers)
 
-    def close(self, **kwargs) -> None:
-        """Close this process's socket if it opened one (LitServe closes the transport in
-        the parent process too, which never does: the base class raises there)."""
-        if self._zmq is not None:
-            self._zmq.close()
+    def send(self, item, consumer_id: int) -> None:
+        """One message to HTTP process ``consumer_id`` (in a worker; blocks while its pipe
+        is full)."""
+        frame = _frame(item)
+        if len(frame) > select.PIPE_BUF:
+            frame = _frame(_too_large(item, len(frame)))
+        os.write(self.writers[consumer_id].fileno(), frame)
 
-    def __reduce__(self):  # the broker thread stays in the process that started it
-        return publisher, (self.backend_address, self.frontend_address)
+    async def areceive(self, consumer_id: int = 0, timeout: float | None = None):
+        """The next message for this HTTP process; ``queue.Empty`` after ``timeout`` s."""
+        if self._inbox is None:
+            self._inbox = asyncio.Queue()
+            _read_into(self._inbox, self.readers[consumer_id].fileno())
+        try:
+            return await asyncio.wait_for(self._inbox.get(), timeout)
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+            raise Empty from None
 
 
-def publisher(backend_address: str, frontend_address: str) -> BrokeredZMQTransport:
-    """An inference worker's copy of the transport, connected at once.
+LENGTH = struct.Struct("!I")
+"""A message's length, before its bytes."""
 
-    LitServe pickles the transport only into the workers it spawns (its HTTP processes are
-    forked or threads, and subscribe when they start). A ZeroMQ publisher drops what it
-    sends before the broker has told it who subscribes, and LitServe's publisher connects
-    at the first response and waits only 0.1 s: on a busy machine that first answer could
-    be lost and its request never answered. Connecting while the worker loads its model
-    leaves seconds for that.
-    """
-    transport = BrokeredZMQTransport(None, backend_address, frontend_address)
-    transport.setup(zmq.PUB)
-    return transport
+
+def _frame(item) -> bytes:
+    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    return LENGTH.pack(len(data)) + data
+
+
+def _too_large(item, size: int):
+    """A LitServe response (``uid, (data, status, type, worker_id)``) replaced by a 500 that
+    says why: the answers this server sends are a few hundred bytes."""
+    uid, (_, _, response_type, worker_id) = item
+    reason = f"the worker's answer is {size:,} bytes, over the transport's {select.PIPE_BUF:,}-byte limit"
+    error = pickle.dumps(PickleableHTTPException(500, reason))
+    return uid, (error, LitAPIStatus.ERROR, response_type, worker_id)
+
+
+def _read_into(inbox: asyncio.Queue, fd: int) -> None:
+    """Read whole messages from pipe ``fd`` into ``inbox`` whenever the running event loop
+    sees it readable (a read may end inside a message; the rest waits for the next)."""
+    os.set_blocking(fd, False)
+    loop, pending = asyncio.get_running_loop(), bytearray()
+
+    def readable() -> None:
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                pending.extend(chunk)
+            loop.remove_reader(fd)  # end of file: every write end is closed
+        except BlockingIOError:
+            pass
+        while len(pending) >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(pending)
+            end = LENGTH.size + size
+            if len(pending) < end:
+                break
+            inbox.put_nowait(pickle.loads(pending[LENGTH.size : end]))  # a worker's own pickle
+            del pending[:end]
+
+    loop.add_reader(fd, readable)
 
 
 PR_SET_PDEATHSIG = 1
@@ -181,7 +221,7 @@ class FastQueueLitServer(ls.LitServer):
 
     def _init_manager(self, num_api_servers: int):
         """LitServe's, except that its Manager process stops with this one and that with
-        ``fast_queue`` the requests go over pipes and the responses through the broker."""
+        ``fast_queue`` requests and responses go over pipes."""
         manager = SyncManager(ctx=mp.get_context())
         manager.start(initializer=die_with_parent)
         self.transport_config.manager = manager
@@ -195,7 +235,7 @@ class FastQueueLitServer(ls.LitServer):
             self.logger_queue = manager.Queue()
         self._logger_connector.run(self)
         if self.use_zmq:
-            self._transport = BrokeredZMQTransport.started()
+            self._transport = PipeTransport.opened(num_api_servers)
         else:
             self._transport = create_transport_from_config(self.transport_config)
         return manager

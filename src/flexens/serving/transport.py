@@ -60,9 +60,10 @@ class PipeTransport(MessageTransport):
     ``PIPE_BUF`` bytes, which POSIX makes atomic: any number of workers write to the same
     pipe without a lock, and no reader ever sees half of one, even from a worker killed
     while writing. The HTTP process's event loop reads the pipe when it is readable. So a
-    response wakes one process, the one awaiting it; through ZeroMQ it crossed a broker
-    thread in a third process and the I/O threads of three ZeroMQ contexts, about 0.15 ms
-    more per request at batch 1 on a one-core server (BENCHMARKS.md, serving).
+    response wakes one process, the one awaiting it. Through ZeroMQ it crossed a broker
+    thread in a third process and the I/O threads of three ZeroMQ contexts, and on a
+    one-core server each of those hops is a context switch (BENCHMARKS.md, serving: the
+    batch-1 overhead and LitServe's floor under it).
     """
 
     def __init__(self, readers: list, writers: list) -> None:

@@ -94,11 +94,11 @@ def steady(start: float, seconds: float, rate: float, latency: float, jitter: fl
 
 
 # -- LitServe plumbing ------------------------------------------------------------------------
-def test_responses_cross_the_pipe_from_a_worker_to_the_http_process(monkeypatch):
+def test_responses_cross_the_pipe_from_a_worker_to_the_http_process():
     """fast_queue's response transport as the processes see it: the worker's copy (as
     spawned with it) holds the write ends only; the HTTP process reads whole messages,
-    however the pipe's bytes arrive, an answer too large for one atomic write becomes a 500
-    that says why, and many answers go in few writes, none over ``PIPE_BUF``."""
+    however the pipe's bytes arrive, and an answer too large for one atomic write becomes a
+    500 that says why."""
     import asyncio
     import os
     import select
@@ -121,17 +121,6 @@ def test_responses_cross_the_pipe_from_a_worker_to_the_http_process(monkeypatch)
         ({"x": "y" * select.PIPE_BUF}, LitAPIStatus.OK, LoopResponseType.REGULAR, 1),
     )
 
-    many = [
-        (f"uid-{i}", ({"n": i}, LitAPIStatus.OK, LoopResponseType.REGULAR, 0)) for i in range(60)
-    ]
-    written = []
-
-    def recording(fd, data):
-        written.append(len(data))
-        return real_write(fd, data)
-
-    real_write = os.write
-
     async def receive():
         for answer in answers[:2]:
             worker.send(answer, consumer_id=1)
@@ -142,15 +131,10 @@ def test_responses_cross_the_pipe_from_a_worker_to_the_http_process(monkeypatch)
             await transport.areceive(1, timeout=0.05)
         os.write(transport.writers[1].fileno(), split[5:])
         worker.send(huge, consumer_id=1)
-        last = [await transport.areceive(1), await transport.areceive(1)]
-        monkeypatch.setattr(os, "write", recording)
-        worker.send_many(many, consumer_id=1)  # a batch's answers: few writes, each atomic
-        monkeypatch.undo()
-        return first + last + [await transport.areceive(1) for _ in many]
+        return first + [await transport.areceive(1), await transport.areceive(1)]
 
     got = asyncio.run(receive())
-    assert got[:3] == answers and got[4:] == many
-    assert 1 < len(written) < len(many) and max(written) <= select.PIPE_BUF
+    assert got[:3] == answers
     uid, (error, status, response_type, worker_id) = got[3]
     assert (uid, status, response_type, worker_id) == (
         "uid-huge",
@@ -412,11 +396,11 @@ def test_the_worker_waits_only_for_requests_the_gate_admitted(counts, on_the_way
 
 
 def test_the_worker_answers_each_batch_as_litserves_own_loop_does():
-    """DrainingLoop calls the API's methods directly and sends a batch's answers together;
-    LitServe's loop (which runs when a callback is registered) gives every request the same
-    answer: a 504 for one that waited too long, the API's answers, an ``HTTPException``'s
-    status or a 500 for a whole batch."""
+    """DrainingLoop calls the API's methods directly; LitServe's loop (which runs when a
+    callback is registered) gives every request the same answer: a 504 for one that waited
+    too long, the API's answers, an ``HTTPException``'s status or a 500 for a whole batch."""
     import queue
+    from types import SimpleNamespace
 
     import litserve as ls
     from fastapi import HTTPException
@@ -456,27 +440,19 @@ def test_the_worker_answers_each_batch_as_litserves_own_loop_does():
             born = time.monotonic() - (60 if i == 0 else 0)  # the first waited too long
             requests.put((0, f"u{i}", born, kind))
         requests.put(_SENTINEL_VALUE)
-        sent, writes = [], []
-
-        class Transport:
-            def send(self, item, consumer_id):
-                sent.append(item)
-
-            def send_many(self, items, consumer_id):
-                sent.extend(items)
-                writes.append(len(items))
-
-        DrainingLoop().run_batched_loop(api, requests, Transport(), CallbackRunner(callbacks))
+        sent = []
+        transport = SimpleNamespace(send=lambda item, consumer_id: sent.append(item))
+        loop = DrainingLoop()
+        loop.run_batched_loop(api, requests, transport, CallbackRunner(callbacks))
         out = []
         for uid, (data, status, _, _) in sent:
             if status == LitAPIStatus.ERROR:
                 data = WorkerFailed.from_response(data).status
             out.append((uid, status, data))
-        return sorted(out), writes
+        return sorted(out)
 
-    ours, writes = answers([])
-    assert ours == answers([Callback()])[0]
-    assert writes == [1, 2, 3, 3]  # one write of answers per batch (the 504 before its batch)
+    ours = answers([])
+    assert ours == answers([Callback()])
     assert [status for _, _, status in ours] == [
         504,
         {"answer": "OK"},

@@ -13,7 +13,6 @@ every sample. Per-sample thresholds cost one gather per stage and neither.
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 from pathlib import Path
 from queue import Empty, Queue
@@ -63,10 +62,9 @@ class DrainingLoop(BatchedLoop):
                 payloads, timed_out = self.get_batch_requests(lit_api, request_queue, transport)
             except _StopLoopError:
                 return
-            if timed_out:
-                expired = PickleableHTTPException(504, "Request timed out")
-                replies = [(queue_id, uid, expired) for queue_id, uid in timed_out]
-                self._reply(transport, replies, LitAPIStatus.ERROR)
+            expired = PickleableHTTPException(504, "Request timed out")
+            for response_queue_id, uid in timed_out:
+                self._reply(transport, response_queue_id, uid, expired, LitAPIStatus.ERROR)
             if payloads:
                 self._run(lit_api, transport, payloads)
 
@@ -82,27 +80,19 @@ class DrainingLoop(BatchedLoop):
             answers = [lit_api.encode_response(y) for y in outputs]
         except HTTPException as error:
             failure = PickleableHTTPException.from_exception(error)
-            answers, status = [failure] * len(inputs), LitAPIStatus.ERROR
+            for response_queue_id, uid in zip(response_queue_ids, uids, strict=True):
+                self._reply(transport, response_queue_id, uid, failure, LitAPIStatus.ERROR)
+            return
         except Exception as error:
             logger.exception("the ensemble failed on a batch of %d request(s)", len(inputs))
-            answers, status = [pickle.dumps(error)] * len(inputs), LitAPIStatus.ERROR
-        else:
-            status = LitAPIStatus.OK
-        self._reply(transport, list(zip(response_queue_ids, uids, answers, strict=True)), status)
+            for response_queue_id, uid in zip(response_queue_ids, uids, strict=True):
+                self.put_error_response(transport, response_queue_id, uid, error)
+            return
+        for response_queue_id, uid, answer in zip(response_queue_ids, uids, answers, strict=True):
+            self._reply(transport, response_queue_id, uid, answer, LitAPIStatus.OK)
 
-    def _reply(self, transport, replies: list[tuple[int, str, object]], status) -> None:
-        """Answers as LitServe's ``put_response`` sends them, each HTTP process's in one
-        :meth:`~flexens.serving.transport.PipeTransport.send_many` where the transport has it."""
-        by_consumer: dict[int, list] = {}
-        for response_queue_id, uid, data in replies:
-            message = (uid, (data, status, LoopResponseType.REGULAR, self.worker_id))
-            by_consumer.setdefault(response_queue_id, []).append(message)
-        for consumer_id, messages in by_consumer.items():
-            if hasattr(transport, "send_many"):
-                transport.send_many(messages, consumer_id)
-            else:
-                for message in messages:
-                    transport.send(message, consumer_id=consumer_id)
+    def _reply(self, transport, response_queue_id: int, uid: str, data, status) -> None:
+        self.put_response(transport, response_queue_id, uid, data, status, LoopResponseType.REGULAR)
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Queue, transport):
         try:

@@ -82,23 +82,10 @@ class PipeTransport(MessageTransport):
     def send(self, item, consumer_id: int) -> None:
         """One message to HTTP process ``consumer_id`` (in a worker; blocks while its pipe
         is full)."""
-        self.send_many([item], consumer_id)
-
-    def send_many(self, items: list, consumer_id: int) -> None:
-        """Several messages to HTTP process ``consumer_id``, as few writes as ``PIPE_BUF``
-        allows. A batch's answers then wake the HTTP process once, not once each: on a
-        one-core server every wake-up can preempt the worker between two answers."""
-        fd, chunk = self.writers[consumer_id].fileno(), b""
-        for item in items:
-            frame = _frame(item)
-            if len(frame) > select.PIPE_BUF:
-                frame = _frame(_too_large(item, len(frame)))
-            if len(chunk) + len(frame) > select.PIPE_BUF:
-                os.write(fd, chunk)
-                chunk = b""
-            chunk += frame
-        if chunk:
-            os.write(fd, chunk)
+        frame = _frame(item)
+        if len(frame) > select.PIPE_BUF:
+            frame = _frame(_too_large(item, len(frame)))
+        os.write(self.writers[consumer_id].fileno(), frame)
 
     async def areceive(self, consumer_id: int = 0, timeout: float | None = None):
         """The next message for this HTTP process; ``queue.Empty`` after ``timeout`` s."""

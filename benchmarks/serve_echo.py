@@ -13,7 +13,6 @@ Run: ``python benchmarks/serve_echo.py PORT``.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import litserve as ls
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from flexens.serving.api import DrainingLoop  # noqa: E402
 from flexens.serving.gate import read_body, reply  # noqa: E402
-from flexens.serving.transport import FastQueueLitServer  # noqa: E402
+from flexens.serving.transport import FastQueueLitServer, stop_on_signals  # noqa: E402
 
 
 class EchoAPI(ls.LitAPI):
@@ -59,12 +58,8 @@ class EchoDoor:
         await reply(send, 200, json.dumps(answer).encode(), b"application/json")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # stop as on Ctrl-C: LitServe ends its workers (as serve.py does)
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals()  # as serve.py: SIGTERM stops it as Ctrl-C does
     api = EchoAPI(max_batch_size=32, batch_timeout=0.0, loop=DrainingLoop())
     server = FastQueueLitServer(api, accelerator="cpu", fast_queue=True, front_door=(EchoDoor, {}))
     server.run(port=int(sys.argv[1]), generate_client_file=False, log_level="warning")

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -736,7 +737,9 @@ def served(digits_ensemble, tmp_path_factory):
             process.wait(timeout=10)
 
 
-def start_server(out: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(out: Path, port: int, log: Path, own_group: bool = False) -> subprocess.Popen:
+    """serve.py on ``port``; with ``own_group`` in a process group of its own, as a terminal
+    would start it (a Ctrl-C there reaches the group)."""
     env = {**os.environ, "FLEXENS_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
     with log.open("w") as sink:
         return subprocess.Popen(
@@ -754,6 +757,7 @@ def start_server(out: Path, port: int, log: Path) -> subprocess.Popen:
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,
+            start_new_session=own_group,
         )
 
 
@@ -924,6 +928,33 @@ def test_killing_serve_py_outright_stops_its_workers_and_frees_the_port(
     assert not [pid for pid in children if alive(pid)]
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to serve.py", "Ctrl-C to its process group"])
+def test_serve_py_stops_cleanly_on_sigterm_and_ctrl_c(served, tmp_path, monkeypatch, how):
+    """A normal stop ends every process of the server, with no traceback in its output."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from serve_load import descendants
+
+    _, out = served
+    port, log = free_port(), tmp_path / "server.log"
+    process = start_server(out, port, log, own_group=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        children = descendants(process.pid)
+        if how.startswith("SIGTERM"):
+            process.terminate()
+        else:
+            os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)]
+    assert "Traceback" not in log.read_text()
 
 
 @pytest.mark.slow

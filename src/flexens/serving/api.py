@@ -25,7 +25,7 @@ from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
 from flexens.ensemble import FlexibleEnsembleModule
-from flexens.serving.transport import die_with_parent
+from flexens.serving.transport import die_with_parent, exit_quietly_on_interrupt
 
 POLL_S = 0.05
 """How long the worker blocks on an empty queue before looking again (no busy waiting)."""
@@ -163,6 +163,7 @@ class EnsembleAPI(ls.LitAPI):
         from flexens.inference import load_calibrated_members
 
         die_with_parent()  # a worker must not wait on its queue after serve.py was killed
+        exit_quietly_on_interrupt()
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         members, calibration = load_calibrated_members(

@@ -9,7 +9,6 @@ any shared state between processes.
 from __future__ import annotations
 
 import functools
-import signal
 from dataclasses import dataclass
 
 import litserve as ls
@@ -26,7 +25,7 @@ from flexens.serving.gate import RequestGate
 from flexens.serving.points import ServingFront
 from flexens.serving.settings import ServeSettings
 from flexens.serving.slo import SloPolicy
-from flexens.serving.transport import FastQueueLitServer
+from flexens.serving.transport import FastQueueLitServer, stop_on_signals
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def serve(settings: ServeSettings, image_transform) -> None:
         print(f"slo mode: p99 <= {settings.slo_ms:g} ms, stepping along")
         for level, step in enumerate(parts.ladder):
             print(f"slo ladder {level}: {step.describe()}")
-    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: LitServe ends its workers
+    stop_on_signals()
     url = f"http://{settings.host}:{settings.port}"
     print(f"POST {url}/predict  GET {url}/health  GET {url}/metrics", flush=True)
     parts.server.run(
@@ -111,7 +110,3 @@ def serve(settings: ServeSettings, image_transform) -> None:
         generate_client_file=False,
         log_level="warning",
     )
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import multiprocessing as mp
 import os
 import pickle
@@ -158,6 +159,30 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent.pid:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_on_signals() -> None:
+    """In ``serve.py``'s main process: SIGTERM stops the server as Ctrl-C does (LitServe then
+    ends its HTTP process and workers). The HTTP process, which LitServe forks from this
+    one, inherits these handlers; there SIGINT and SIGTERM end the process quietly once
+    uvicorn has shut down (uvicorn hands a signal it caught on to the handler it found),
+    where a KeyboardInterrupt would print a traceback at every normal stop."""
+    handler = functools.partial(_on_stop_signal, os.getpid())
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def _on_stop_signal(main_pid: int, signum, frame) -> None:
+    if os.getpid() == main_pid:
+        raise KeyboardInterrupt
+    raise SystemExit(0)
+
+
+def exit_quietly_on_interrupt() -> None:
+    """In an inference worker (spawned, so it inherits no handler): Ctrl-C reaches every
+    process of the terminal's group, and the worker leaves the stopping to the main process
+    instead of printing a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, functools.partial(_on_stop_signal, None))
 
 
 async def no_auth() -> None:

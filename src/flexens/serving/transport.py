@@ -26,7 +26,9 @@ Drop each fix once LitServe has it.
 LitServe ends its HTTP and worker processes when the main process stops normally, but
 nothing watches for a main process that is killed (``kill -9``, the OOM killer): its
 workers then wait on their queue forever and its HTTP process keeps the port. Each of them
-asks Linux to stop it when its parent dies (:func:`die_with_parent`).
+asks Linux to stop it when its parent dies (:func:`die_with_parent`). A normal stop
+(SIGTERM, or Ctrl-C to the whole process group) ends every process without a traceback
+(:func:`stop_on_signals`, :func:`exit_quietly_on_interrupt`).
 """
 
 from __future__ import annotations

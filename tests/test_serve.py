@@ -454,7 +454,7 @@ def test_the_worker_answers_each_batch_as_litserves_own_loop_does():
 
     ours = answers([])
     assert ours == answers([Callback()])
-    assert [status for _, _, status in ours] == [
+    assert [answer for _, _, answer in ours] == [
         504,
         {"answer": "OK"},
         {"answer": "OK"},

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from flexens.inference import cell
+
 
 def fmt(value, spec: str = ".3f", suffix: str = "") -> str:
-    """``value`` formatted, or an en dash where there is none."""
-    return "–" if value is None else f"{value:{spec}}{suffix}"
+    """``value`` formatted as ``infer.py``'s table does, or an en dash (markdown) where
+    there is none."""
+    return cell(value, spec, suffix, missing="–")
 
 
 def gap(measured, expected) -> float | None:

@@ -578,10 +578,10 @@ def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
     write_text(path, buffer.getvalue())
 
 
-def cell(value: float | None, spec: str = ".3f", suffix: str = "") -> str:
-    """A table cell: ``value`` formatted, or ``-`` where a mode has none (a staged stream
-    has no batch-1 figures, the oracle no timing at all)."""
-    return "-" if value is None else f"{value:{spec}}{suffix}"
+def cell(value: float | None, spec: str = ".3f", suffix: str = "", missing: str = "-") -> str:
+    """A table cell: ``value`` formatted, or ``missing`` where a mode has none (a staged
+    stream has no batch-1 figures, the oracle no timing at all)."""
+    return missing if value is None else f"{value:{spec}}{suffix}"
 
 
 def print_table(results: dict, baseline: dict | None = None) -> None:

@@ -13,6 +13,7 @@ every sample. Per-sample thresholds cost one gather per stage and neither.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from pathlib import Path
 from queue import Empty, Queue
@@ -62,34 +63,32 @@ class DrainingLoop(BatchedLoop):
                 payloads, timed_out = self.get_batch_requests(lit_api, request_queue, transport)
             except _StopLoopError:
                 return
-            expired = PickleableHTTPException(504, "Request timed out")
-            for response_queue_id, uid in timed_out:
-                self._reply(transport, response_queue_id, uid, expired, LitAPIStatus.ERROR)
+            if timed_out:
+                expired = PickleableHTTPException(504, "Request timed out")
+                for response_queue_id, uid in timed_out:
+                    self._reply(transport, response_queue_id, uid, expired, LitAPIStatus.ERROR)
             if payloads:
                 self._run(lit_api, transport, payloads)
 
     def _run(self, lit_api: ls.LitAPI, transport, payloads: list) -> None:
         """One batch, answered as LitServe's loop answers it: an ``HTTPException`` answers
-        every request of the batch with its status, any other error with a 500."""
+        every request of the batch with its status, any other error (pickled, as LitServe's
+        ``put_error_response`` sends it) with a 500."""
         response_queue_ids, uids, inputs = zip(*payloads, strict=True)
         try:
             batch = lit_api.batch([lit_api.decode_request(x) for x in inputs])
             outputs = lit_api.unbatch(lit_api.predict(batch))
             if len(outputs) != len(inputs):
                 raise HTTPException(500, detail="Batch size mismatch")
-            answers = [lit_api.encode_response(y) for y in outputs]
+            answers, status = [lit_api.encode_response(y) for y in outputs], LitAPIStatus.OK
         except HTTPException as error:
             failure = PickleableHTTPException.from_exception(error)
-            for response_queue_id, uid in zip(response_queue_ids, uids, strict=True):
-                self._reply(transport, response_queue_id, uid, failure, LitAPIStatus.ERROR)
-            return
+            answers, status = [failure] * len(inputs), LitAPIStatus.ERROR
         except Exception as error:
             logger.exception("the ensemble failed on a batch of %d request(s)", len(inputs))
-            for response_queue_id, uid in zip(response_queue_ids, uids, strict=True):
-                self.put_error_response(transport, response_queue_id, uid, error)
-            return
+            answers, status = [pickle.dumps(error)] * len(inputs), LitAPIStatus.ERROR
         for response_queue_id, uid, answer in zip(response_queue_ids, uids, answers, strict=True):
-            self._reply(transport, response_queue_id, uid, answer, LitAPIStatus.OK)
+            self._reply(transport, response_queue_id, uid, answer, status)
 
     def _reply(self, transport, response_queue_id: int, uid: str, data, status) -> None:
         self.put_response(transport, response_queue_id, uid, data, status, LoopResponseType.REGULAR)

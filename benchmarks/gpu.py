@@ -282,7 +282,9 @@ def run(args) -> dict:
         "baseline": baseline,
         "graph_capture_s": capture_s,
         "tf32_convolutions": bool(torch.backends.cudnn.allow_tf32),
-        "latency_profile": {k: profile[k] for k in ("members", "overhead_ms", "profiling_s")},
+        "latency_profile": {
+            k: profile[k] for k in ("members", "overhead_ms", "staged_overhead_ms", "profiling_s")
+        },
         "rows": rows,
     }
 

@@ -57,6 +57,7 @@ def test_a_profile_records_how_it_was_measured(profile, tmp_path):
     assert profile["input_shape"] == [3, 8, 8] and profile["device_type"] == "cpu"
     assert len({m["arch"] for m in profile["members"]}) == 1
     assert len(profile["fused_batch1_ms"]) == 2  # members 0.. and 1.. fused
+    assert profile["staged_overhead_ms"] > 0  # a staged stream's bookkeeping per call
     path = tmp_path / "latency_profile-cpu.json"
     path.write_text(json.dumps(public(profile)))
     assert read_profile(path)["threads"] == profile["threads"]
@@ -251,6 +252,15 @@ def test_a_staged_stream_is_priced_at_full_batches():
     assert expected_throughput(profile, reach, staged_images=24) == pytest.approx(
         1e3 * 24 / (4.0 + at_8 + at_6)
     )
+    # the stream's own bookkeeping per call where the profile measured it, else the loop's
+    booked = {**profile, "overhead_ms": 0.5, "staged_overhead_ms": 1.0}
+    assert expected_throughput(booked, reach, staged_images=64) == pytest.approx(
+        1e3 * 64 / (5 * (4.0 + 1.0))
+    )
+    del booked["staged_overhead_ms"]
+    assert expected_throughput(booked, reach, staged_images=64) == pytest.approx(
+        1e3 * 64 / (5 * (4.0 + 0.5))
+    )
 
 
 BAD_PROFILES = {
@@ -264,6 +274,10 @@ BAD_PROFILES = {
     "zero-cost": (
         lambda p: {**p, "members": [{**p["members"][0], "batched_ms_per_image": 0.0}]},
         "has a cost <= 0",
+    ),
+    "text-staged-overhead": (
+        lambda p: {**p, "staged_overhead_ms": "fast"},
+        "field 'staged_overhead_ms' must hold finite numbers",
     ),
     "member-without-hash": (lambda p: {**p, "members": [{"batch1_ms": 1.0}]}, "is malformed"),
     "short-curve": (

@@ -35,10 +35,11 @@ from torch import nn
 
 from flexens.calibration.schema import PROFILE_FORMAT
 from flexens.cuda_graphs import graphed_members
-from flexens.execution import run_flexible
+from flexens.execution import probability_fn, run_flexible
 from flexens.fused import FusedMembers, architecture_key, can_fuse
 from flexens.halting import Criterion
 from flexens.members.inference_form import INFERENCE_FORM
+from flexens.staged import StagedStream
 
 OUTLIER_TOLERANCE = 0.25
 """Members of one architecture whose costs differ from their twins' median by more than
@@ -426,6 +427,58 @@ def profile_overhead(
     return seconds * 1e3 / n
 
 
+class _HalfConfident(nn.Module):
+    """A member that costs nothing and leaves half of every call undecided: even rows are
+    certain of class 0, odd rows undecided between all classes."""
+
+    def __init__(self, num_classes: int, rows: int, device: torch.device) -> None:
+        super().__init__()
+        self.logits = torch.zeros(rows, num_classes, device=device)
+        self.logits[0::2, 0] = 30.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[: len(x)]
+
+
+def profile_staged_overhead(
+    criterion: Criterion,
+    num_classes: int,
+    num_members: int,
+    example: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    budget: Budget,
+) -> float:
+    """Mean ms a staged stream (:mod:`flexens.staged`) adds per member call at the serving
+    batch: its halting decision and host sync, gathering the samples that go on and
+    concatenating a stage's queue into a batch. Timed through the real stream with members
+    that cost nothing and let half of every call go on, about what the CIFAR-10 members do
+    (each later stage passes on 40-80 % of what reaches it); the gathering copies the
+    inputs, so it is measured at their real shape, within ``budget``."""
+    n = max(int(num_members), 2)
+    member = probability_fn(_HalfConfident(num_classes, batch_size, device))
+    calls = 0
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return member(x)
+
+    stream = StagedStream([counted] * n, [0.5] * (n - 1), criterion, batch_size)
+    batch = example[:1].to(device).expand(batch_size, *example.shape[1:]).contiguous()
+
+    def one_stream() -> None:
+        for _ in range(n):
+            stream.push(batch)
+        stream.finish()
+
+    with torch.inference_mode():
+        one_stream()
+    calls_per_stream = calls
+    times = adaptive_interleaved({"staged": one_stream}, device, budget)["staged"]
+    return robust_mean(times) * 1e3 / calls_per_stream
+
+
 def best_threads(by_threads: dict[str, dict], key: str) -> str:
     """The thread count (a key of ``by_threads``) whose members sum to the least ``key``."""
     return min(by_threads, key=lambda t: sum(by_threads[t][key]))
@@ -474,6 +527,10 @@ def latency_profile(
     ]
     with num_threads(int(best["batch1_ms"])):
         overhead = profile_overhead(criterion, num_classes, len(networks), device)
+    with num_threads(int(best["batched_ms_per_image"])):
+        staged_overhead = profile_staged_overhead(
+            criterion, num_classes, len(networks), example, batch_size, device, budget
+        )
     return {
         "format": PROFILE_FORMAT,
         "device": device_name(device),
@@ -491,6 +548,7 @@ def latency_profile(
         "fused_batch1_ms": by_threads[best["batch1_ms"]]["fused_batch1_ms"],
         "by_threads": by_threads,
         "overhead_ms": overhead,
+        "staged_overhead_ms": staged_overhead,
         "profiling_s": time.perf_counter() - start,
         "measured_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
@@ -551,10 +609,12 @@ def expected_throughput(
     what a graphed member costs at batch 1).
 
     ``staged_images``: a staged stream (:mod:`flexens.staged`) of that many images instead.
-    Member ``k`` runs full batches on the ``P(reach k)·images`` samples that reach it, each
-    with its bookkeeping, and one partial batch with what is left when the stream ends. A
-    short stream pays for those: 450 digits images at ``B = 256`` leave the later members a
-    single call of a few dozen samples."""
+    Member ``k`` runs full batches on the ``P(reach k)·images`` samples that reach it, and
+    one partial batch with what is left when the stream ends; every call pays the stream's
+    own bookkeeping (``staged_overhead_ms``: gathering and queueing cost more than batch by
+    batch's halting step; a profile without it is priced with ``overhead_ms``). A short
+    stream pays for its partial batches: 450 digits images at ``B = 256`` leave the later
+    members a single call of a few dozen samples."""
     batch = profile.get("batch_size") or 1
     sizes = profile.get("curve_batch_sizes")
     overhead = profile.get("overhead_ms", 0.0)
@@ -564,11 +624,12 @@ def expected_throughput(
             stage_batch_ms(m, sizes, r * batch) + overhead * min(1.0, r * batch) for m, r in members
         )
         return float(1e3 * batch / ms)
+    call = profile.get("staged_overhead_ms", overhead)
     ms = 0.0
     for m, r in members:
         full, rest = divmod(r * staged_images, batch)
-        ms += full * (stage_batch_ms(m, sizes, batch) + overhead)
-        ms += stage_batch_ms(m, sizes, rest) + overhead * min(1.0, rest)
+        ms += full * (stage_batch_ms(m, sizes, batch) + call)
+        ms += stage_batch_ms(m, sizes, rest) + call * min(1.0, rest)
     return float(1e3 * staged_images / ms)
 
 

@@ -53,7 +53,14 @@ class _Queue:
             self.count += len(index)
 
     def take(self, size: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The first ``size`` samples (or all, if fewer wait), in arrival order."""
+        """The first ``size`` samples (or all, if fewer wait), in arrival order. A lone chunk
+        is sliced, not copied: when every sample of a full batch goes on, the next stage's
+        queue holds just that chunk."""
+        if len(self.chunks) == 1:
+            index, x, prob_sum = self.chunks[0]
+            self.chunks, self.count = [], 0
+            self.put(index[size:], x[size:], None if prob_sum is None else prob_sum[size:])
+            return index[:size], x[:size], None if prob_sum is None else prob_sum[:size]
         parts = list(zip(*self.chunks, strict=True))
         index, x = torch.cat(parts[0]), torch.cat(parts[1])
         prob_sum = None if parts[2][0] is None else torch.cat(parts[2])
@@ -144,13 +151,21 @@ class StagedStream:
                 self._stage(k, *queue.take(self.batch_size))
 
     def _stage(self, k: int, index: Tensor, x: Tensor, prob_sum: Tensor | None) -> None:
-        """Member ``k`` on one gathered batch: who halts answers, the rest wait for ``k+1``."""
+        """Member ``k`` on one gathered batch: who halts answers, the rest wait for ``k+1``.
+
+        One host sync per stage, as batch by batch: the count of samples that halt. A stable
+        sort of the decisions then lists those that halt, then those that go on, each in
+        arrival order, and both are gathered by position (masking each tensor would sync once
+        per tensor, which on a GPU cost more than a member's call)."""
         prob_sum = add_member(prob_sum, self.members[k](x))
         mean = running_mean(prob_sum, k + 1)
         confidence = self.criterion(mean)
-        last = k == len(self.members) - 1
-        halt = should_halt(confidence, 0.0 if last else self.thresholds[k], is_last=last)
-        self._answers.append((index[halt], mean[halt], confidence[halt], k))
-        if not last:
-            go = ~halt
-            self._queues[k + 1].put(index[go], x[go], prob_sum[go])
+        if k == len(self.members) - 1:
+            self._answers.append((index, mean, confidence, k))
+            return
+        go_on = ~should_halt(confidence, self.thresholds[k], is_last=False)
+        halting = len(go_on) - int(go_on.sum())
+        order = go_on.to(torch.uint8).argsort(stable=True)
+        stop, go = order[:halting], order[halting:]
+        self._answers.append((index[stop], mean.index_select(0, stop), confidence[stop], k))
+        self._queues[k + 1].put(index[go], x.index_select(0, go), prob_sum.index_select(0, go))

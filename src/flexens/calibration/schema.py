@@ -121,6 +121,8 @@ def validate_profile(data: dict, path: Path) -> dict:
         _field(threads, key, int, path, f"{what} (threads)", fix)
     members = _field(data, "members", list, path, what, fix)
     _finite_numbers([data.get("overhead_ms")], "overhead_ms", path, what, fix)
+    if "staged_overhead_ms" in data:  # profiles before flexens measured it price with overhead_ms
+        _finite_numbers([data["staged_overhead_ms"]], "staged_overhead_ms", path, what, fix)
     sizes = _field(data, "curve_batch_sizes", list, path, what, fix)
     if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes) or sizes != sorted(sizes):
         raise ValueError(

@@ -148,7 +148,8 @@ class Server:
             "serve.threads=1",
             *overrides,
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+        path = os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
         with self.log.open("w") as sink:
             self.process = subprocess.Popen(
                 command,

@@ -368,3 +368,26 @@ def test_serve_ab_runs_a_revision_from_a_worktree_it_removes(tmp_path, monkeypat
         pass
     message = str(refused.value)
     assert message.startswith("error: cannot check out @no-such-revision") and "\n" not in message
+
+
+@pytest.mark.slow
+def test_the_serving_benchmark_compares_server_and_module_answer_by_answer(
+    digits_ensemble, tmp_path
+):
+    """benchmarks/serve_gpu.py on the CPU: every answer through serve.py is the module's."""
+    members = digits_ensemble / "members/digits-small_cnn"
+    if not (members / "thresholds.json").is_file():
+        run_script("calibrate.py", f"paths.output_dir={digits_ensemble}", "logger=csv")
+    out = tmp_path / "serve_gpu.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / "serve_gpu.py"), "--out", str(out)]
+    options = ["--device", "cpu", "--data", "digits", "--images", "6", "--port", "8798"]
+    paths = ["--members-dir", str(members), "--thresholds", str(members / "thresholds.json")]
+    done = subprocess.run([*script, *options, *paths], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["configurations"]) == {"flexible", "full"}  # no graphs on a CPU
+    for row in result["configurations"].values():
+        assert row["same_as_module"] == row["same_as_cpu"] == 6
+        assert row["server"]["mean_ms"] > 0 and row["module"]["mean_ms"] > 0
+    assert result["configurations"]["full"]["avg_members"] == 3
+    assert "| flexible |" in done.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import io
 import json
 import os
@@ -553,6 +554,27 @@ def test_max_in_flight_is_checked_with_the_other_settings():
         ValueError, match=r"^serve.max_in_flight must be a whole number >= 1, got 0$"
     ):
         read_settings(raw, Path("m"), "cpu")
+
+
+def test_cuda_graphs_is_a_flag_and_the_gate_says_what_shape_to_capture():
+    from omegaconf import OmegaConf
+
+    from flexens.data.digits import DigitsDataModule
+    from flexens.data.kernels import fast_transform
+    from flexens.images import decode_image
+    from flexens.serving.app import served_input_shape
+    from flexens.serving.settings import read_settings
+
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/serve/default.yaml"))
+    assert read_settings(raw, Path("m"), "cpu").cuda_graphs is True
+    with pytest.raises(ValueError, match=r"^serve.cuda_graphs must be true or false, got 'no'$"):
+        read_settings({**raw, "cuda_graphs": "no"}, Path("m"), "cpu")
+    # whatever the blank's size, the gate's decoding ends at the members' input size
+    decode = functools.partial(
+        decode_image, in_chans=1, transform=fast_transform(DigitsDataModule().image_transform()),
+        max_pixels=1 << 20,
+    )  # fmt: skip
+    assert served_input_shape(decode) == (1, 8, 8)
 
 
 def test_slo_settings_of_the_wrong_type_are_refused_with_one_line():

@@ -151,12 +151,15 @@ class EnsembleAPI(ls.LitAPI):
         threads: int | None,
         max_batch_size: int,
         batch_timeout: float,
+        cuda_graphs: bool = False,
+        input_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__(
             max_batch_size=max_batch_size, batch_timeout=batch_timeout, loop=DrainingLoop()
         )
         self.thresholds_path, self.members_dir = thresholds, members_dir
         self.mode, self.threads = mode, threads
+        self.cuda_graphs, self.input_shape = cuda_graphs, input_shape
 
     def setup(self, device) -> None:
         from flexens.inference import load_calibrated_members
@@ -175,10 +178,15 @@ class EnsembleAPI(ls.LitAPI):
                 calibration.thresholds,
                 calibration.criterion,
                 mode=self.mode,
+                cuda_graphs=self.cuda_graphs,
             )
             .to(self.device)
             .eval()
         )
+        if self.cuda_graphs and self.device.type == "cuda" and self.input_shape is not None:
+            # every graph a batch can need, now: a capture costs milliseconds no request should pay
+            example = torch.zeros(1, *self.input_shape, device=self.device)
+            self.module.prepare_graphs(example, self.max_batch_size)
         self.class_names = list(members[0].meta["class_names"])
 
     def decode_request(self, request: dict) -> tuple[torch.Tensor, tuple | None, str]:

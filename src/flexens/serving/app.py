@@ -9,11 +9,13 @@ any shared state between processes.
 from __future__ import annotations
 
 import functools
+import io
 from dataclasses import dataclass
 
 import litserve as ls
 import torch
 from litserve import server as litserve_server
+from PIL import Image
 
 from flexens.calibration.schema import Calibration
 from flexens.data.kernels import fast_transform
@@ -63,6 +65,8 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         "slo_policy": policy,
         "api_key": litserve_server.LIT_SERVER_API_KEY or None,  # LitServe's own reading
     }
+    device = resolve_device(settings.device)
+    graphs = settings.cuda_graphs and device.type == "cuda"
     api = EnsembleAPI(
         settings.thresholds,
         settings.members_dir,
@@ -70,8 +74,9 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         settings.threads,
         settings.max_batch_size,
         settings.batch_timeout,
+        cuda_graphs=graphs,
+        input_shape=served_input_shape(decode) if graphs else None,
     )
-    device = resolve_device(settings.device)
     server = FastQueueLitServer(
         api,
         accelerator="cuda" if device.type == "cuda" else "cpu",
@@ -82,6 +87,16 @@ def build_server(settings: ServeSettings, image_transform, in_chans: int, calibr
         model_metadata={"ensemble": calibration.ensemble, "criterion": calibration.criterion},
     )
     return ServerParts(server, front, ladder)
+
+
+def served_input_shape(decode) -> tuple[int, ...]:
+    """The shape the gate decodes an image to, read off a blank one: the evaluation
+    transforms end at a fixed size, so every request's input has it, and the workers capture
+    their CUDA graphs for it before the first request (another shape is captured when it
+    first arrives)."""
+    blank = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(blank, "PNG")
+    return tuple(decode(blank.getvalue()).shape)
 
 
 def serve(settings: ServeSettings, image_transform) -> None:

@@ -24,6 +24,7 @@ class ServeSettings:
     batch_timeout: float
     workers_per_device: int
     threads: int | None
+    cuda_graphs: bool
     timeout: float
     max_body_bytes: int
     max_pixels: int
@@ -40,6 +41,12 @@ class ServeSettings:
 def _whole(value, name: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"serve.{name} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"serve.{name} must be true or false, got {value!r}")
     return value
 
 
@@ -123,6 +130,7 @@ def read_settings(s: dict, members_dir: Path, device: str) -> ServeSettings:
         batch_timeout=float(s["batch_timeout"]),
         workers_per_device=_whole(s["workers_per_device"], "workers_per_device", 1),
         threads=None if s["threads"] is None else _whole(s["threads"], "threads", 1),
+        cuda_graphs=_flag(s["cuda_graphs"], "cuda_graphs"),
         timeout=_number(s["timeout"], "timeout"),
         max_body_bytes=_whole(s["max_body_bytes"], "max_body_bytes", 1),
         max_pixels=_whole(s["max_pixels"], "max_pixels", 1),

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from flexens.calibration.cache import member_logits
+from flexens.calibration.cache import members_logits
 from flexens.members.registry import Member
 
 
@@ -29,11 +29,25 @@ def member(sha: str, poison: bool = False) -> Member:
     return Member(0, Path(f"seed={sha}.safetensors"), sha, {}, {}, Counting(poison))
 
 
-def loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(
-        TensorDataset(torch.randn(10, 4, generator=g), torch.arange(10) % 3), batch_size=4
-    )
+class CountingReads(TensorDataset):
+    """Ten samples that count how often they are read."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        super().__init__(torch.randn(10, 4, generator=g), torch.arange(10) % 3)
+        self.reads = 0
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return super().__getitem__(index)
+
+
+def loader(data: CountingReads | None = None) -> DataLoader:
+    return DataLoader(data or CountingReads(), batch_size=4)
+
+
+def member_logits(m: Member, data: DataLoader, *key) -> tuple[torch.Tensor, torch.Tensor]:
+    return members_logits([m], data, *key)[0]
 
 
 def test_logits_are_computed_once_then_served_from_cache(tmp_path):
@@ -81,3 +95,23 @@ def test_nan_outputs_name_the_member_and_count(tmp_path):
             member("d" * 64, poison=True), loader(), torch.device("cpu"), tmp_path, "s", "t"
         )
     assert not list(tmp_path.glob("logits/*.pt"))
+
+
+def test_members_without_outputs_run_together_in_one_pass(tmp_path):
+    """Each sample is read once however many members need it; a cached member does not run."""
+    cached, a, b = member("f" * 64), member("0" * 64), member("1" * 64)
+    alone, _ = member_logits(cached, loader(), torch.device("cpu"), tmp_path, "split", "t")
+    calls = cached.network.calls
+    data = CountingReads()
+    outputs = members_logits(
+        [cached, a, b], loader(data), torch.device("cpu"), tmp_path, "split", "t"
+    )
+    assert data.reads == 10 and cached.network.calls == calls
+    assert a.network.calls == b.network.calls == 3  # batches of 4, 4 and 2
+    assert torch.equal(outputs[0][0], alone)
+    for m, (logits, labels) in zip((a, b), outputs[1:], strict=True):
+        x, y = CountingReads().tensors
+        assert torch.allclose(logits, m.network.layer(x)) and torch.equal(labels, y)
+    again = CountingReads()
+    members_logits([cached, a, b], loader(again), torch.device("cpu"), tmp_path, "split", "t")
+    assert again.reads == 0  # all cached: the data is not read at all

@@ -13,10 +13,10 @@ from torchvision.transforms import v2
 
 from flexens.images import (
     IMAGE_SUFFIXES,
+    UnlabelledBatches,
     find_images,
     image_batches,
     load_images,
-    read_images,
     to_model_mode,
 )
 
@@ -80,6 +80,10 @@ def test_find_images_missing_path_names_it_and_the_fix(tmp_path: Path) -> None:
         find_images(missing)
     message = str(info.value)
     assert str(missing) in message and "input=" in message and "\n" not in message
+    with pytest.raises(FileNotFoundError) as info:  # the setting that named it
+        find_images(missing, "calibrate.unlabelled")
+    assert str(info.value).startswith(f"calibrate.unlabelled {str(missing)!r} does not exist")
+    assert str(info.value).endswith("pass calibrate.unlabelled=<image file or folder>")
 
 
 def test_find_images_empty_folder_names_it(tmp_path: Path) -> None:
@@ -292,10 +296,17 @@ def test_image_batches_decode_a_folder_a_batch_at_a_time(tmp_path: Path, capsys)
     assert [tuple(b.tensors.shape) for b in batches] == [(2, 3, SIZE, SIZE)] * 2 + [
         (1, 3, SIZE, SIZE)
     ]
-    whole = read_images(tmp_path, 3, _transform())
+    [whole] = image_batches(tmp_path, 3, _transform(), batch_size=100)
     assert torch.equal(torch.cat([b.tensors for b in batches]), whole.tensors)
     printed = capsys.readouterr().out
     assert "skipped" in printed and "5.png" in printed and "6.png" in printed
+    # calibrate.unlabelled's dataset: the same batches, unlabelled, each time it is read
+    dataset = UnlabelledBatches(tmp_path, 3, _transform(), batch_size=2)
+    for _ in range(2):
+        read = list(dataset)
+        assert [len(x) for x, _ in read] == [2, 2, 1]
+        assert torch.equal(torch.cat([x for x, _ in read]), whole.tensors)
+        assert all(torch.equal(y, torch.zeros(len(x), dtype=torch.long)) for x, y in read)
 
 
 def test_image_batches_hold_one_size_across_batches(tmp_path: Path) -> None:

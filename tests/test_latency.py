@@ -95,6 +95,8 @@ def test_a_profile_for_other_conditions_is_stale(profile):
     assert any("network_form" in p for p in profile_problems(unfolded, CPU, 4, [3, 8, 8]))
     other = {**profile, "curve_batch_sizes": [1, 3, 4]}  # not the points flexens records
     assert any("curve_batch_sizes" in p for p in profile_problems(other, CPU, 4, [3, 8, 8]))
+    older = {k: v for k, v in profile.items() if k != "staged_overhead_ms"}
+    assert any("staged_overhead_ms" in p for p in profile_problems(older, CPU, 4, [3, 8, 8]))
 
 
 def test_the_curve_is_dense_where_halting_leaves_small_sub_batches():

@@ -106,7 +106,7 @@ def test_a_folder_is_predicted_as_the_module_answers_it_whole(one_thread, tmp_pa
     import numpy as np
     from PIL import Image
 
-    from flexens.images import read_images
+    from flexens.images import image_batches
     from flexens.inference import predict_images
 
     rng = np.random.default_rng(0)
@@ -116,7 +116,7 @@ def test_a_folder_is_predicted_as_the_module_answers_it_whole(one_thread, tmp_pa
         )
     (tmp_path / "broken.png").write_text("not an image")
     nets = networks()
-    loaded = read_images(tmp_path, 3, _Images.image_transform())
+    [loaded] = image_batches(tmp_path, 3, _Images.image_transform(), batch_size=100)
     recorded = [Recorded(n) for n in nets]
     module = FlexibleEnsembleModule(recorded, spread_thresholds(nets, loaded.tensors), mode=mode)
     with torch.inference_mode():

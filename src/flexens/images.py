@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import IterableDataset
 
 from flexens.data.kernels import fast_transform
 
@@ -26,7 +26,6 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
 )
 """Lower-case suffixes that :func:`find_images` picks up in a folder (compared case-insensitively)."""
 
-_HINT = "pass input=<image file or folder>"
 
 _DECODE_ERRORS: tuple[type[Exception], ...] = (
     OSError,  # UnidentifiedImageError, "image file is truncated", unreadable files
@@ -38,20 +37,22 @@ _DECODE_ERRORS: tuple[type[Exception], ...] = (
 """What PIL raises for a file that is not a (whole, decodable) image."""
 
 
-def find_images(path: str | Path) -> list[Path]:
-    """The image files ``input=`` names: the file itself, or a folder's images, sorted.
+def find_images(path: str | Path, setting: str = "input") -> list[Path]:
+    """The image files ``input=`` (or another ``setting``) names: the file itself, or a
+    folder's images, sorted.
 
     A file named explicitly is taken whatever its suffix (the user chose it). A folder is
     searched recursively for :data:`IMAGE_SUFFIXES`, skipping hidden files and folders (such as
     macOS ``._photo.jpg`` resource forks, which carry an image suffix but are no images).
     """
     path = Path(path).expanduser()
+    hint = f"pass {setting}=<image file or folder>"
     if path.is_file():
         return [path]
     if not path.exists():
-        raise FileNotFoundError(f"input {str(path)!r} does not exist; {_HINT}")
+        raise FileNotFoundError(f"{setting} {str(path)!r} does not exist; {hint}")
     if not path.is_dir():
-        raise FileNotFoundError(f"input {str(path)!r} is neither a file nor a folder; {_HINT}")
+        raise FileNotFoundError(f"{setting} {str(path)!r} is neither a file nor a folder; {hint}")
     found: list[Path] = []
 
     def unreadable(error: OSError) -> None:  # reported, not silently skipped (os.walk's default)
@@ -67,7 +68,7 @@ def find_images(path: str | Path) -> list[Path]:
     if not found:
         suffixes = " ".join(sorted(IMAGE_SUFFIXES))
         raise FileNotFoundError(
-            f"no images in folder {str(path)!r} (searched recursively for {suffixes}); {_HINT}"
+            f"no images in folder {str(path)!r} (searched recursively for {suffixes}); {hint}"
         )
     return sorted(found)
 
@@ -179,12 +180,13 @@ def image_batches(
     in_chans: int,
     transform: Callable[[Image.Image], torch.Tensor],
     batch_size: int,
+    setting: str = "input",
 ) -> Iterator[LoadedImages]:
     """What ``input=`` names, decoded ``batch_size`` files at a time, so that a folder of any
     size costs one batch of memory: each unreadable file is reported on one line and skipped
     (its batch comes out smaller; a batch of none is not yielded), and when none at all could
     be read, a one-line error follows the last batch."""
-    paths = find_images(source)
+    paths = find_images(source, setting)
     first: tuple[Path, torch.Tensor] | None = None
     for start in range(0, len(paths), batch_size):
         loaded = load_images(paths[start : start + batch_size], in_chans, transform, first)
@@ -197,13 +199,30 @@ def image_batches(
         raise ValueError(f"none of the {len(paths)} image(s) under {str(source)!r} could be read")
 
 
-def read_images(
-    source: str | Path, in_chans: int, transform: Callable[[Image.Image], torch.Tensor]
-) -> LoadedImages:
-    """What ``input=`` (or ``calibrate.unlabelled=``) names, loaded at once (as
-    :func:`image_batches` reports and refuses)."""
-    [loaded] = image_batches(source, in_chans, transform, batch_size=sys.maxsize)
-    return loaded
+UNLABELLED = "calibrate.unlabelled"
+"""The setting that names a folder of unlabelled calibration images."""
+
+
+class UnlabelledBatches(IterableDataset):
+    """:func:`image_batches` as a dataset of ``(images, zeros)`` batches, for
+    ``DataLoader(dataset, batch_size=None)``: a folder of any size is decoded one batch at a
+    time, each time the loader is read (``calibrate.unlabelled=``, which its errors name)."""
+
+    def __init__(
+        self,
+        source: str | Path,
+        in_chans: int,
+        transform: Callable[[Image.Image], torch.Tensor],
+        batch_size: int,
+    ) -> None:
+        self.source, self.in_chans, self.transform = source, in_chans, transform
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for loaded in image_batches(
+            self.source, self.in_chans, self.transform, self.batch_size, UNLABELLED
+        ):
+            yield loaded.tensors, torch.zeros(len(loaded.paths), dtype=torch.long)
 
 
 def _open(source: Path | io.BytesIO, in_chans: int, max_pixels: int | None = None) -> Image.Image:

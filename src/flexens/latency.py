@@ -668,6 +668,8 @@ def profile_problems(
         for key, value in expected.items()
         if profile.get(key) != value
     ]
+    if "staged_overhead_ms" not in profile:
+        problems.append("it predates the staged stream's own bookkeeping (staged_overhead_ms)")
     members = profile["members"]
     archs = [m.get("arch", "") for m in members]
     for key in ("batch1_ms", "batched_ms_per_image"):

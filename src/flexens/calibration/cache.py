@@ -25,59 +25,79 @@ log = logging.getLogger(__name__)
 
 
 class MemberLogits(L.LightningModule):
-    """One member's float32 logits and the batch's labels, for ``Trainer.predict``."""
+    """Several members' float32 logits and the batch's labels, for ``Trainer.predict``:
+    one pass over the data serves them all, so each batch is read and decoded once."""
 
-    def __init__(self, network: torch.nn.Module) -> None:
+    def __init__(self, networks: list[torch.nn.Module]) -> None:
         super().__init__()
-        self.network = network
+        self.networks = torch.nn.ModuleList(networks)
 
-    def predict_step(self, batch, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_step(self, batch, batch_idx: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
         x, y = batch
-        return self.network(x).float(), torch.as_tensor(y)
+        return [network(x).float() for network in self.networks], torch.as_tensor(y)
 
 
 def _compute(
-    member: Member, loader: DataLoader, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+    members: list[Member], loader: DataLoader, device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Through Lightning's predict loop: a progress bar over a large split, and the same
     accelerator handling as training."""
-    outputs = predict_in_place(predict_trainer(device), MemberLogits(member.network.eval()), loader)
-    return torch.cat([o[0] for o in outputs]).cpu(), torch.cat([o[1] for o in outputs]).cpu()
+    module = MemberLogits([member.network.eval() for member in members])
+    outputs = predict_in_place(predict_trainer(device), module, loader)
+    logits = [torch.cat([o[0][i] for o in outputs]).cpu() for i in range(len(members))]
+    return logits, torch.cat([o[1] for o in outputs]).cpu()
 
 
-def member_logits(
-    member: Member,
+def _read_entry(path: Path, key_fields: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A cache entry's ``(logits, labels)`` if it holds exactly ``key_fields``, else None."""
+    if not path.exists():
+        return None
+    try:
+        entry = torch.load(path, map_location="cpu")
+        if entry.get("key") == key_fields:
+            return entry["logits"], entry["labels"]
+        log.warning("logit cache %s belongs to other checkpoints or data; rebuilding it", path)
+    except Exception as err:  # a truncated or foreign file: rebuild, never trust
+        log.warning("logit cache %s is unreadable (%s); rebuilding it", path, err)
+    return None
+
+
+def members_logits(
+    members: list[Member],
     loader: DataLoader,
     device: torch.device,
     cache_dir: str | Path,
     split_fingerprint: str,
     transform: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits (S, C), labels (S,))`` of one member on one split, from cache if valid."""
-    key_fields = {
-        "member_sha256": member.sha256,
-        "network_form": INFERENCE_FORM,
-        "split": split_fingerprint,
-        "transform": transform,
-    }
-    path = Path(cache_dir) / "logits" / f"{fingerprint(key_fields.values())}.pt"
-    if path.exists():
-        try:
-            entry = torch.load(path, map_location="cpu")
-            if entry.get("key") == key_fields:
-                return entry["logits"], entry["labels"]
-            log.warning("logit cache %s belongs to other checkpoints or data; rebuilding it", path)
-        except Exception as err:  # a truncated or foreign file: rebuild, never trust
-            log.warning("logit cache %s is unreadable (%s); rebuilding it", path, err)
-    logits, labels = _compute(member, loader, device)
-    bad = (~torch.isfinite(logits)).any(dim=1)
-    if bad.any():
-        raise ValueError(
-            f"member {member.path.name} produced NaN/Inf outputs for {int(bad.sum())} of "
-            f"{len(bad)} samples; retrain it (e.g. lower train.optimizer.lr) or drop it"
-        )
-    torch_save(path, {"key": key_fields, "logits": logits, "labels": labels})
-    return logits, labels
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits (S, C), labels (S,))`` of each member on one split: valid cache entries are
+    read, and every member without one runs in a single pass over ``loader``."""
+    keys = [
+        {
+            "member_sha256": member.sha256,
+            "network_form": INFERENCE_FORM,
+            "split": split_fingerprint,
+            "transform": transform,
+        }
+        for member in members
+    ]
+    paths = [Path(cache_dir) / "logits" / f"{fingerprint(key.values())}.pt" for key in keys]
+    results = [_read_entry(path, key) for path, key in zip(paths, keys, strict=True)]
+    missing = [i for i, result in enumerate(results) if result is None]
+    if not missing:
+        return results
+    logits, labels = _compute([members[i] for i in missing], loader, device)
+    for i, out in zip(missing, logits, strict=True):
+        bad = (~torch.isfinite(out)).any(dim=1)
+        if bad.any():
+            raise ValueError(
+                f"member {members[i].path.name} produced NaN/Inf outputs for {int(bad.sum())} "
+                f"of {len(bad)} samples; retrain it (e.g. lower train.optimizer.lr) or drop it"
+            )
+    for i, out in zip(missing, logits, strict=True):
+        torch_save(paths[i], {"key": keys[i], "logits": out, "labels": labels})
+        results[i] = (out, labels)
+    return results
 
 
 def ensemble_probs(
@@ -89,17 +109,15 @@ def ensemble_probs(
     transform: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(probs (N, S, C), labels (S,))`` for all members, labels checked to agree."""
-    probs, labels = [], None
-    for member in members:
-        logits, y = member_logits(member, loader, device, cache_dir, split_fingerprint, transform)
-        if labels is not None and not torch.equal(labels, y):
+    outputs = members_logits(members, loader, device, cache_dir, split_fingerprint, transform)
+    labels = outputs[0][1]
+    for member, (_, y) in zip(members, outputs, strict=True):
+        if not torch.equal(labels, y):
             raise ValueError(
                 f"cached labels of {member.path.name} disagree with the other members; "
                 f"delete {Path(cache_dir) / 'logits'} and rerun"
             )
-        labels = y
-        probs.append(logits.softmax(dim=-1))
-    return torch.stack(probs), labels
+    return torch.stack([logits.softmax(dim=-1) for logits, _ in outputs]), labels
 
 
 def split_probs(

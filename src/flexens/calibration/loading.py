@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from flexens.artifacts import fingerprint, write_json
 from flexens.calibration.cache import ensemble_probs, split_probs
@@ -27,7 +27,7 @@ from flexens.calibration.settings import CalibrateSettings
 from flexens.calibration.simulate import StageTable
 from flexens.data.base import EnsembleDataModule
 from flexens.halting import get_criterion
-from flexens.images import read_images
+from flexens.images import UNLABELLED, UnlabelledBatches, find_images
 from flexens.latency import latency_profile, profile_problems, quick_check, stage_costs_ms
 from flexens.members.registry import Member, load_ensemble
 
@@ -178,14 +178,15 @@ def read_inputs(
 ) -> CalibrationInputs:
     """Load members, profile them (or read their profile) and simulate their cached outputs."""
     members = prepare_ensemble(files, datamodule)
+    images = find_images(settings.unlabelled, UNLABELLED) if settings.unlabelled else None
     profile = load_or_measure_profile(settings, files, members, datamodule, device)
     if files.order == "auto":
         order = np.argsort([m["batch1_ms"] for m in profile["members"]], kind="stable")
         members = [members[i] for i in order]
         profile = {**profile, "members": [profile["members"][i] for i in order]}
-    if settings.unlabelled:
+    if images is not None:
         probs, labels = unlabelled_probs(
-            members, datamodule, device, Path(settings.unlabelled), files.cache_dir
+            members, datamodule, device, Path(settings.unlabelled), images, files.cache_dir
         )
     else:
         probs, labels = split_probs(members, datamodule, "calib", device, files.cache_dir)
@@ -206,22 +207,29 @@ def unlabelled_probs(
     datamodule: EnsembleDataModule,
     device: torch.device,
     folder: Path,
+    images: list[Path],
     cache_dir: Path,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Member outputs on a folder of unlabelled images, labelled by the full ensemble.
+    """Member outputs on a folder of unlabelled images (``images``, what it holds),
+    labelled by the full ensemble.
 
     The images are read exactly as ``infer.py input=`` reads them (nested folders, odd
-    modes, bad files reported and skipped). With the full ensemble's answers as labels, a
-    stage is "wrong" exactly where it disagrees with the full ensemble, which is the loss
-    ``calibrate.risk=disagreement`` certifies.
+    modes, bad files reported and skipped), one batch at a time in one pass for all the
+    members, and not at all when every member's outputs are cached: the cache key is the
+    files' names, sizes and modification times. With the full ensemble's answers as
+    labels, a stage is "wrong" exactly where it disagrees with the full ensemble, which is
+    the loss ``calibrate.risk=disagreement`` certifies.
     """
-    loaded = read_images(folder, members[0].arch.get("in_chans", 3), datamodule.image_transform())
-    stats = [(p, p.stat()) for p in loaded.paths]
-    files = [(str(p), st.st_size, st.st_mtime_ns) for p, st in stats]
-    dataset = TensorDataset(loaded.tensors, torch.zeros(len(loaded.paths), dtype=torch.long))
+    files = [(str(p), st.st_size, st.st_mtime_ns) for p in images for st in [p.stat()]]
+    batches = UnlabelledBatches(
+        folder,
+        members[0].arch.get("in_chans", 3),
+        datamodule.image_transform(),
+        int(datamodule.eval_batch_size),
+    )
     probs, _ = ensemble_probs(
         members,
-        DataLoader(dataset, batch_size=int(datamodule.eval_batch_size)),
+        DataLoader(batches, batch_size=None),
         device,
         cache_dir,
         fingerprint(["unlabelled", *files]),

@@ -10,6 +10,7 @@ so it works for every launcher (joblib and SLURM jobs run in other processes).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +25,10 @@ from flexens.memo import SweepMemo
 USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)
 FAILED_JOBS = ".failed_jobs"
 """Folder of the sweep directory holding one ``<job number>.txt`` per failed job."""
+LIGHTNING_LEAFSPEC = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+"""Lightning 2.6 flattens every batch with torch's ``LeafSpec``, which this torch deprecates:
+a FutureWarning in every run that no flexens user can act on
+(Lightning-AI/pytorch-lightning#21326). Silenced for the task, nothing else."""
 
 
 def run(task: str, cfg: DictConfig, memo: SweepMemo | None = None) -> None:
@@ -33,7 +38,9 @@ def run(task: str, cfg: DictConfig, memo: SweepMemo | None = None) -> None:
     """
     try:
         try:
-            dispatch(task, cfg, memo or SweepMemo())
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", LIGHTNING_LEAFSPEC, FutureWarning)
+                dispatch(task, cfg, memo or SweepMemo())
         except InstantiationException as err:  # a typed config object refused a value
             if isinstance(err.__cause__, USER_ERRORS):
                 raise err.__cause__ from None

@@ -20,14 +20,16 @@ def spread_thresholds(nets, x) -> list[float]:
 
 
 class Recorded(torch.nn.Module):
-    """A member that remembers the size of every batch it ran."""
+    """A member that remembers the size of every batch it ran, and whether it came
+    channels_last."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
-        self.net, self.sizes = net, []
+        self.net, self.sizes, self.channels_last = net, [], []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.sizes.append(len(x))
+        self.channels_last.append(x.is_contiguous(memory_format=torch.channels_last))
         return self.net(x)
 
 
@@ -62,6 +64,19 @@ def test_every_member_call_is_a_full_batch_until_the_stream_ends(one_thread):
     reached = [(out.exit_stage >= k).sum().item() for k in range(len(nets))]
     assert [sum(r.sizes) for r in recorded] == reached  # each sample ran each member once
     assert all(sum(r.sizes) - sum(d) < 16 for r, d in zip(recorded, during, strict=True))
+
+
+def test_a_channels_last_stream_stays_channels_last_at_every_stage(one_thread):
+    """``infer.channels_last=true``: the samples a stage passes on reach the next member in
+    the layout the module gave the batch, as batch by batch, so both compute alike."""
+    nets, x = networks(), torch.randn(96, 3, 12, 12)
+    recorded = [Recorded(n) for n in nets]
+    module = FlexibleEnsembleModule(recorded, spread_thresholds(nets, x), channels_last=True)
+    with torch.inference_mode():
+        staged = module.staged(16).run(x.split(16))
+        batch_by_batch = EnsembleOutput.cat([module(b) for b in x.split(16)])
+    assert all(all(r.channels_last) and len(r.channels_last) > 1 for r in recorded)
+    assert torch.equal(staged.exit_stage, batch_by_batch.exit_stage)
 
 
 def test_a_finished_stream_starts_empty_and_fresh_streams_are_independent(one_thread):

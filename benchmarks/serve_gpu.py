@@ -6,12 +6,12 @@
 
 For each mode (flexible, full), on a GPU with its members as CUDA graphs
 (``serve.cuda_graphs=true``, the default) and eagerly, ``serve.py device=...`` starts on
-the loopback interface and gets ``--images`` test images one at a time on one
-keep-alive connection, interleaved in rounds with ``FlexibleEnsembleModule`` called
-in-process on the same device, the same way, on the same decoded images (CUDA synchronised
-after every call). Every answer (class and
-members used) is compared with the in-process module on that device and on this machine's
-CPU: on a GPU the convolutions run in TF32 by default, which may move an exit.
+the loopback interface and gets ``--images`` test images one at a time on one keep-alive
+connection, interleaved in rounds with ``FlexibleEnsembleModule`` called in-process on the
+same device, the same way, on the same decoded images (CUDA synchronised after every
+call). Every answer (class and members used) is compared with the in-process module on
+that device and on this machine's CPU: on a GPU the convolutions run in TF32 by default,
+which may move an exit.
 
 A GPU machine lent for minutes has no image tree: point ``FLEXENS_CIFAR10_ROOT`` at a
 folder holding ``test/<class>/*.jpg``, a few hundred files copied from the real one.

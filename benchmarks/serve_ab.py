@@ -120,8 +120,8 @@ def one_at_a_time(url: str, bodies: list[bytes]) -> dict:
     """Mean and median ms of one request at a time over ``bodies``, after a few untimed."""
     with serve_load.keep_alive(url) as connection:
         for body in bodies[:BATCH1_WARMUP]:
-            serve_load._round_trip(connection, body)
-        return serve_load.timing([serve_load._round_trip(connection, b) for b in bodies])
+            serve_load.round_trip(connection, body)
+        return serve_load.timing([serve_load.round_trip(connection, b)[0] for b in bodies])
 
 
 if __name__ == "__main__":

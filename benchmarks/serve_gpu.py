@@ -76,26 +76,11 @@ def answer_of(module, x: torch.Tensor) -> tuple[float, tuple[int, int]]:
     return seconds, (int(out.prediction[0]), int(out.exit_stage[0]) + 1)
 
 
-def round_trip(connection, body: bytes) -> tuple[float, tuple[int, int]]:
+def ask_server(connection, body: bytes) -> tuple[float, tuple[int, int]]:
     """Seconds of one POST /predict, and the (class, members used) it answered."""
-    start = time.perf_counter()
-    connection.request("POST", "/predict", body=body)
-    response = connection.getresponse()
-    payload = response.read()
-    seconds = time.perf_counter() - start
-    if response.status != 200:
-        raise RuntimeError(f"POST /predict answered {response.status}: {payload[:200]!r}")
+    seconds, payload = serve_load.round_trip(connection, body)
     answer = json.loads(payload)
     return seconds, (int(answer["class_index"]), int(answer["members_used"]))
-
-
-def stats(seconds: list[float]) -> dict:
-    ms = np.asarray(seconds) * 1e3
-    return {
-        "mean_ms": float(ms.mean()),
-        "p50_ms": float(np.median(ms)),
-        "p99_ms": float(np.percentile(ms, 99)),
-    }
 
 
 def compare(
@@ -123,21 +108,22 @@ def compare(
     ):
         for i in range(min(20, len(xs))):  # warm-up: both pay their first calls here
             answer_of(module, on_device[i])
-            round_trip(connection, bodies[i])
+            ask_server(connection, bodies[i])
         for picks in slices:
             for name, call in (
                 ("module", lambda i: answer_of(module, on_device[i])),
-                ("server", lambda i: round_trip(connection, bodies[i])),
+                ("server", lambda i: ask_server(connection, bodies[i])),
             ):
                 for i in picks:
                     seconds, answers[name][i] = call(i)
                     times[name].append(seconds)
         cpu = [answer_of(module_cpu, x)[1] for x in xs]
     served = answers["server"]
+    module_ms, server_ms = serve_load.timing(times["module"]), serve_load.timing(times["server"])
     return {
-        "module": stats(times["module"]),
-        "server": stats(times["server"]),
-        "overhead_ms": stats(times["server"])["mean_ms"] - stats(times["module"])["mean_ms"],
+        "module": module_ms,
+        "server": server_ms,
+        "overhead_ms": server_ms["mean_ms"] - module_ms["mean_ms"],
         "avg_members": float(np.mean([a[1] for a in served])),
         "same_as_module": sum(a == b for a, b in zip(served, answers["module"], strict=True)),
         "same_as_cpu": sum(a == b for a, b in zip(served, cpu, strict=True)),

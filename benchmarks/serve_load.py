@@ -345,7 +345,7 @@ def batch1_overhead(
         for round_, picks in enumerate([np.arange(min(20, len(images))), *slices]):
             with running_on(args.server_cpus), torch.inference_mode():
                 in_process = [_timed_call(module, xs[i]) for i in picks]
-            through = [_round_trip(connection, bodies[i]) for i in picks]
+            through = [round_trip(connection, bodies[i])[0] for i in picks]
             if round_ > 0:  # round 0 warms both up
                 times["module"] += in_process
                 times["server"] += through
@@ -383,19 +383,25 @@ def _timed_call(module, x) -> float:
     return time.perf_counter() - start
 
 
-def _round_trip(connection: http.client.HTTPConnection, body: bytes) -> float:
-    """Seconds of one POST /predict on a keep-alive connection."""
+def round_trip(connection: http.client.HTTPConnection, body: bytes) -> tuple[float, bytes]:
+    """Seconds of one POST /predict on a keep-alive connection, and the answer's body."""
     start = time.perf_counter()
     connection.request("POST", "/predict", body=body)
     response = connection.getresponse()
     answer = response.read()
+    seconds = time.perf_counter() - start
     if response.status != 200:
         raise RuntimeError(f"POST /predict answered {response.status}: {answer[:200]!r}")
-    return time.perf_counter() - start
+    return seconds, answer
 
 
 def timing(seconds: list[float]) -> dict:
-    return {"mean_ms": float(np.mean(seconds) * 1e3), "p50_ms": float(np.median(seconds) * 1e3)}
+    ms = np.asarray(seconds) * 1e3
+    return {
+        "mean_ms": float(ms.mean()),
+        "p50_ms": float(np.median(ms)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
 
 
 def litserve_floor(args: argparse.Namespace, images: list[tuple[str, str]]) -> dict:
@@ -405,7 +411,7 @@ def litserve_floor(args: argparse.Namespace, images: list[tuple[str, str]]) -> d
     command = [sys.executable, str(ROOT / "benchmarks/serve_echo.py"), str(args.port)]
     bodies = [Path(p).read_bytes() for p, _ in images]
     with Server(args, command=command) as server, keep_alive(server.url) as connection:
-        times = [_round_trip(connection, body) for body in bodies[:20] + bodies]
+        times = [round_trip(connection, body)[0] for body in bodies[:20] + bodies]
     return timing(times[min(20, len(bodies)) :])
 
 

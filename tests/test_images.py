@@ -301,7 +301,7 @@ def test_image_batches_decode_a_folder_a_batch_at_a_time(tmp_path: Path, capsys)
     printed = capsys.readouterr().out
     assert "skipped" in printed and "5.png" in printed and "6.png" in printed
     # calibrate.unlabelled's dataset: the same batches, unlabelled, each time it is read
-    dataset = UnlabelledBatches(tmp_path, 3, _transform(), batch_size=2)
+    dataset = UnlabelledBatches(tmp_path, find_images(tmp_path), 3, _transform(), batch_size=2)
     for _ in range(2):
         read = list(dataset)
         assert [len(x) for x, _ in read] == [2, 2, 1]

@@ -180,13 +180,14 @@ def image_batches(
     in_chans: int,
     transform: Callable[[Image.Image], torch.Tensor],
     batch_size: int,
-    setting: str = "input",
+    paths: list[Path] | None = None,
 ) -> Iterator[LoadedImages]:
     """What ``input=`` names, decoded ``batch_size`` files at a time, so that a folder of any
     size costs one batch of memory: each unreadable file is reported on one line and skipped
     (its batch comes out smaller; a batch of none is not yielded), and when none at all could
-    be read, a one-line error follows the last batch."""
-    paths = find_images(source, setting)
+    be read, a one-line error follows the last batch. ``paths``: the files of ``source``
+    where the caller has found them already (:func:`find_images`)."""
+    paths = find_images(source) if paths is None else paths
     first: tuple[Path, torch.Tensor] | None = None
     for start in range(0, len(paths), batch_size):
         loaded = load_images(paths[start : start + batch_size], in_chans, transform, first)
@@ -199,28 +200,26 @@ def image_batches(
         raise ValueError(f"none of the {len(paths)} image(s) under {str(source)!r} could be read")
 
 
-UNLABELLED = "calibrate.unlabelled"
-"""The setting that names a folder of unlabelled calibration images."""
-
-
 class UnlabelledBatches(IterableDataset):
-    """:func:`image_batches` as a dataset of ``(images, zeros)`` batches, for
-    ``DataLoader(dataset, batch_size=None)``: a folder of any size is decoded one batch at a
-    time, each time the loader is read (``calibrate.unlabelled=``, which its errors name)."""
+    """:func:`image_batches` over ``paths`` (the images of folder ``source``) as a dataset of
+    ``(images, zeros)`` batches, for ``DataLoader(dataset, batch_size=None)``: a folder of
+    any size is decoded one batch at a time, each time the loader is read
+    (``calibrate.unlabelled=``)."""
 
     def __init__(
         self,
         source: str | Path,
+        paths: list[Path],
         in_chans: int,
         transform: Callable[[Image.Image], torch.Tensor],
         batch_size: int,
     ) -> None:
-        self.source, self.in_chans, self.transform = source, in_chans, transform
-        self.batch_size = batch_size
+        self.source, self.paths, self.in_chans = source, paths, in_chans
+        self.transform, self.batch_size = transform, batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for loaded in image_batches(
-            self.source, self.in_chans, self.transform, self.batch_size, UNLABELLED
+            self.source, self.in_chans, self.transform, self.batch_size, self.paths
         ):
             yield loaded.tensors, torch.zeros(len(loaded.paths), dtype=torch.long)
 

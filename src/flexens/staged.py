@@ -156,9 +156,9 @@ class StagedStream:
         One host sync per stage, as batch by batch: the count of samples that halt. A stable
         sort of the decisions then lists those that halt, then those that go on, each in
         arrival order, and both are gathered by position (masking each tensor would sync once
-        per tensor, which on a GPU cost more than a member's call). The inputs are gathered by
-        indexing, which keeps a channels_last batch channels_last, as batch by batch does
-        (``index_select`` would not)."""
+        per tensor, which on a GPU cost more than a member's call). Indexing keeps a
+        channels_last batch channels_last, as batch by batch does (``index_select`` would
+        not)."""
         prob_sum = add_member(prob_sum, self.members[k](x))
         mean = running_mean(prob_sum, k + 1)
         confidence = self.criterion(mean)
@@ -169,5 +169,5 @@ class StagedStream:
         halting = len(go_on) - int(go_on.sum())
         order = go_on.to(torch.uint8).argsort(stable=True)
         stop, go = order[:halting], order[halting:]
-        self._answers.append((index[stop], mean.index_select(0, stop), confidence[stop], k))
-        self._queues[k + 1].put(index[go], x[go], prob_sum.index_select(0, go))
+        self._answers.append((index[stop], mean[stop], confidence[stop], k))
+        self._queues[k + 1].put(index[go], x[go], prob_sum[go])

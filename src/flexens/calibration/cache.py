@@ -94,7 +94,6 @@ def members_logits(
                 f"member {members[i].path.name} produced NaN/Inf outputs for {int(bad.sum())} "
                 f"of {len(bad)} samples; retrain it (e.g. lower train.optimizer.lr) or drop it"
             )
-    for i, out in zip(missing, logits, strict=True):
         torch_save(paths[i], {"key": keys[i], "logits": out, "labels": labels})
         results[i] = (out, labels)
     return results

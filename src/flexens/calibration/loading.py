@@ -27,7 +27,7 @@ from flexens.calibration.settings import CalibrateSettings
 from flexens.calibration.simulate import StageTable
 from flexens.data.base import EnsembleDataModule
 from flexens.halting import get_criterion
-from flexens.images import UNLABELLED, UnlabelledBatches, find_images
+from flexens.images import UnlabelledBatches, find_images
 from flexens.latency import latency_profile, profile_problems, quick_check, stage_costs_ms
 from flexens.members.registry import Member, load_ensemble
 
@@ -178,7 +178,8 @@ def read_inputs(
 ) -> CalibrationInputs:
     """Load members, profile them (or read their profile) and simulate their cached outputs."""
     members = prepare_ensemble(files, datamodule)
-    images = find_images(settings.unlabelled, UNLABELLED) if settings.unlabelled else None
+    unlabelled = settings.unlabelled
+    images = find_images(unlabelled, "calibrate.unlabelled") if unlabelled else None
     profile = load_or_measure_profile(settings, files, members, datamodule, device)
     if files.order == "auto":
         order = np.argsort([m["batch1_ms"] for m in profile["members"]], kind="stable")
@@ -223,6 +224,7 @@ def unlabelled_probs(
     files = [(str(p), st.st_size, st.st_mtime_ns) for p in images for st in [p.stat()]]
     batches = UnlabelledBatches(
         folder,
+        images,
         members[0].arch.get("in_chans", 3),
         datamodule.image_transform(),
         int(datamodule.eval_batch_size),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import run_script
@@ -391,3 +392,40 @@ def test_the_serving_benchmark_compares_server_and_module_answer_by_answer(
         assert row["server"]["mean_ms"] > 0 and row["module"]["mean_ms"] > 0
     assert result["configurations"]["full"]["avg_members"] == 3
     assert "| flexible |" in done.stdout
+
+
+def test_the_serving_bound_prices_a_batch_as_each_mode_runs_it():
+    """benchmarks/serve_bound.py's model: full runs every member on the whole batch;
+    flexible runs member k on the requests that reach it, at that sub-batch's cost."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_bound
+
+    calls = np.array([1.0, 1.5, 2.0, 2.5])  # ms per call at batch 1..4
+    everyone_first = serve_bound.worker_ms(np.zeros(50, dtype=int), calls, 3, 4)
+    assert everyone_first == (3 * 2.5 / 4, 2.5 / 4)
+    everyone_last = serve_bound.worker_ms(np.full(50, 2), calls, 3, 4)
+    assert everyone_last[1] == pytest.approx(everyone_last[0])
+    # half stop at once: member 1 on all four, members 2 and 3 on the n ~ Binomial(4, 1/2)
+    # others, a call of n costing calls[n - 1] (nothing for n = 0)
+    later = (4 * 1.0 + 6 * 1.5 + 4 * 2.0 + 1 * 2.5) / 16
+    full, flexible = serve_bound.worker_ms(np.array([0, 2] * 25), calls, 3, 4)
+    assert flexible == pytest.approx((2.5 + 2 * later) / 4, rel=0.02) and flexible < full
+
+
+@pytest.mark.slow
+def test_the_serving_bound_runs_on_the_served_members(digits_ensemble, tmp_path):
+    members = digits_ensemble / "members/digits-small_cnn"
+    if not (members / "thresholds.json").is_file():
+        run_script("calibrate.py", f"paths.output_dir={digits_ensemble}", "logger=csv")
+    out = tmp_path / "serve_bound.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / "serve_bound.py"), "--out", str(out)]
+    options = ["--data", "digits", "--images", "60", "--widths", "8,16", "--seconds", "0.5"]
+    paths = ["--members-dir", str(members), "--thresholds", str(members / "thresholds.json")]
+    done = subprocess.run([*script, *options, *paths], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["images"] == 60 and result["served_width"] == 8
+    assert [r["width"] for r in result["widths"]] == [8, 16]
+    for row in result["widths"]:
+        assert len(row["call_ms"]) == 8 and row["full_workers_ms"] >= row["flexible_workers_ms"]
+    assert "| 8 (served) |" in done.stdout

@@ -53,7 +53,7 @@ def _read_entry(path: Path, key_fields: dict) -> tuple[torch.Tensor, torch.Tenso
     if not path.exists():
         return None
     try:
-        entry = torch.load(path, map_location="cpu")
+        entry = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
         if entry.get("key") == key_fields:
             return entry["logits"], entry["labels"]
         log.warning("logit cache %s belongs to other checkpoints or data; rebuilding it", path)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead  # noqa: E402
 from cells import fmt, gap  # noqa: E402
 
+from flexens.allocator import retain_freed_memory  # noqa: E402
 from flexens.artifacts import replace_marked_section, write_json, write_text  # noqa: E402
 from flexens.calibration.cache import split_probs  # noqa: E402
 from flexens.calibration.simulate import StageTable  # noqa: E402
@@ -791,6 +792,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="digits, 3 tiny members, temp folder")
     parser.add_argument("train_overrides", nargs="*", help="extra train.py overrides")
     args = parser.parse_args()
+    retain_freed_memory()  # as every flexens process runs (flexens.allocator)
     if args.quick:
         args.members = 3
         args.output_dir = args.output_dir or tempfile.mkdtemp(prefix="flexens-bench-")

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cells import fmt, gap  # noqa: E402
 
+from flexens.allocator import retain_freed_memory  # noqa: E402
 from flexens.artifacts import replace_marked_section, torch_save, write_json, write_text  # noqa: E402
 from flexens.calibration.schema import read_thresholds  # noqa: E402
 from flexens.cuda_graphs import map_tensors  # noqa: E402
@@ -395,6 +396,7 @@ def main() -> None:
     parser.add_argument("--update-docs", action="store_true", help="rewrite BENCHMARKS.md's table")
     parser.add_argument("overrides", nargs="*", help="config overrides for --export-images")
     args = parser.parse_args()
+    retain_freed_memory()  # as every flexens process runs (flexens.allocator)
     if args.export_images:
         export_images(
             Path(args.export_images), args.count, args.overrides or ["experiment=cifar10"]

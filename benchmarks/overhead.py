@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flexens.allocator import retain_freed_memory
 from flexens.artifacts import write_json
 from flexens.data import ImageFolderDataModule
 from flexens.ensemble import FlexibleEnsembleModule
@@ -354,6 +355,7 @@ def verdict(passed: bool) -> str:
 
 def main() -> None:
     args = parse_args()
+    retain_freed_memory()  # as every flexens process runs (flexens.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)

@@ -46,7 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serve_load  # noqa: E402
+from cells import repo_path  # noqa: E402
 
+from flexens.allocator import retain_freed_memory  # noqa: E402
 from flexens.artifacts import replace_marked_section, write_json  # noqa: E402
 from flexens.latency import Budget, adaptive_interleaved, machine_info, robust_mean  # noqa: E402
 from flexens.members.inference_form import inference_network  # noqa: E402
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(row)
     return {
         "machine": machine_info(torch.device("cpu")),
-        "thresholds": display_path(args.thresholds),
+        "thresholds": repo_path(args.thresholds),
         "images": len(exits),
         "avg_members": float(exits.mean() + 1),
         "members": members,
@@ -173,12 +175,6 @@ def run(args: argparse.Namespace) -> dict:
         "measured": measured,
         "widths": rows,
     }
-
-
-def display_path(path: Path) -> str:
-    """``path`` relative to the checkout where it lies inside it (as a command would name it)."""
-    path = path.resolve()
-    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
 def markdown(result: dict) -> str:
@@ -223,6 +219,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    retain_freed_memory()  # as every flexens process runs (flexens.allocator)
     result = run(args)
     write_json(args.out, result)
     section = markdown(result)

@@ -41,6 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+from flexens.allocator import retain_freed_memory  # noqa: E402
 from flexens.artifacts import replace_marked_section, write_json  # noqa: E402
 from flexens.latency import machine_info  # noqa: E402
 
@@ -640,6 +641,7 @@ def overload_summary(ramp: dict, capacity: float, slo_ms: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    retain_freed_memory()  # as every flexens process runs (flexens.allocator)
     if args.client_cpus is not None:  # this process is a client too (the batch-1 round trips)
         os.sched_setaffinity(0, args.client_cpus)
     load_before = os.getloadavg()[1]

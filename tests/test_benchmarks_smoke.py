@@ -429,3 +429,22 @@ def test_the_serving_bound_runs_on_the_served_members(digits_ensemble, tmp_path)
     for row in result["widths"]:
         assert len(row["call_ms"]) == 8 and row["full_workers_ms"] >= row["flexible_workers_ms"]
     assert "| 8 (served) |" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_allocator_benchmark_runs_both_arms_in_fresh_processes(digits_ensemble, tmp_path):
+    members = digits_ensemble / "members/digits-small_cnn"
+    if not (members / "thresholds.json").is_file():
+        run_script("calibrate.py", f"paths.output_dir={digits_ensemble}", "logger=csv")
+    out = tmp_path / "allocator.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / "allocator.py"), "--out", str(out)]
+    options = ["--pairs", "1", "--profiles", "1", "--profile-seconds", "0.5", "--batch-size", "64"]
+    paths = ["--members-dir", str(members), "--thresholds", str(members / "thresholds.json")]
+    done = subprocess.run([*script, *options, *paths], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"default", "retained"}
+    for (run,) in result["runs"].values():
+        assert set(run["member"]) == {"1", "2"} and len(run["profiles"]) == 1
+    assert result["runs"]["retained"][0]["member"]["1"]["faults_per_call"] == 0
+    assert "| kept (flexens) | 1 |" in done.stdout

@@ -58,6 +58,7 @@ def test_a_profile_records_how_it_was_measured(profile, tmp_path):
     assert len({m["arch"] for m in profile["members"]}) == 1
     assert len(profile["fused_batch1_ms"]) == 2  # members 0.. and 1.. fused
     assert profile["staged_overhead_ms"] > 0  # a staged stream's bookkeeping per call
+    assert profile["retains_freed_memory"] is True  # glibc on Linux: flexens.allocator
     path = tmp_path / "latency_profile-cpu.json"
     path.write_text(json.dumps(public(profile)))
     assert read_profile(path)["threads"] == profile["threads"]
@@ -97,6 +98,8 @@ def test_a_profile_for_other_conditions_is_stale(profile):
     assert any("curve_batch_sizes" in p for p in profile_problems(other, CPU, 4, [3, 8, 8]))
     older = {k: v for k, v in profile.items() if k != "staged_overhead_ms"}
     assert any("staged_overhead_ms" in p for p in profile_problems(older, CPU, 4, [3, 8, 8]))
+    faulting = {k: v for k, v in profile.items() if k != "retains_freed_memory"}
+    assert any("retains_freed_memory" in p for p in profile_problems(faulting, CPU, 4, [3, 8, 8]))
 
 
 def test_the_curve_is_dense_where_halting_leaves_small_sub_batches():

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flexens.allocator import retain_freed_memory
 from flexens.calibration.schema import PROFILE_FORMAT
 from flexens.cuda_graphs import graphed_members
 from flexens.execution import probability_fn, run_flexible
@@ -497,8 +498,11 @@ def latency_profile(
 ) -> dict:
     """Every member's cost at batch 1 and at ``batch_size`` for each candidate thread count,
     within about ``seconds``; the thread count that makes the ensemble cheapest is chosen
-    per batch size and its costs are the members' ``batch1_ms``/``batched_ms_per_image``."""
+    per batch size and its costs are the members' ``batch1_ms``/``batched_ms_per_image``.
+    Freed memory is kept in the process first, as every flexens process runs
+    (:mod:`flexens.allocator`), and the profile records whether that took effect."""
     start = time.perf_counter()
+    retains = retain_freed_memory()
     networks = [n.to(device).eval() for n in networks]
     candidates = list(threads or thread_candidates(device))
     budget = Budget(seconds=seconds / (4 * len(candidates)))
@@ -538,6 +542,7 @@ def latency_profile(
         "torch": torch.__version__,
         "network_form": INFERENCE_FORM,
         "cuda_graphs": device.type == "cuda",
+        "retains_freed_memory": retains,
         "thread_candidates": candidates,
         "threads": {"batch1": int(best["batch1_ms"]), "batched": int(best["batched_ms_per_image"])},
         "batch_size": batch_size,
@@ -662,6 +667,7 @@ def profile_problems(
         "curve_batch_sizes": recorded_batch_sizes(batch_size),
         "input_shape": list(input_shape),
         "cuda_graphs": device.type == "cuda",
+        "retains_freed_memory": retain_freed_memory(),  # what profiling now would record
     }
     problems = [
         f"{key} was {profile.get(key)!r}, now {value!r}"

@@ -25,6 +25,7 @@ from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
+from flexens.allocator import retain_freed_memory
 from flexens.ensemble import FlexibleEnsembleModule
 from flexens.serving.transport import die_with_parent, exit_quietly_on_interrupt
 
@@ -166,6 +167,7 @@ class EnsembleAPI(ls.LitAPI):
 
         die_with_parent()  # a worker must not wait on its queue after serve.py was killed
         exit_quietly_on_interrupt()
+        retain_freed_memory()  # a spawned process: serve.py's own setting does not reach it
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         members, calibration = load_calibrated_members(

@@ -72,7 +72,8 @@ def one_process(args: argparse.Namespace) -> dict:
     from flexens.inference import load_calibrated_members
 
     if args.arm == "retained":
-        assert retain_freed_memory(), "glibc's malloc only"
+        if not retain_freed_memory():
+            raise SystemExit("error: freed memory can be kept only with glibc's malloc (Linux)")
     else:  # the profile would keep freed memory itself: leave glibc's defaults in place
         latency.retain_freed_memory = lambda: False
     members, calibration = load_calibrated_members(args.thresholds, args.members_dir)
@@ -124,16 +125,15 @@ def run(args: argparse.Namespace) -> dict:
     runs = {arm: [] for arm in ARMS}
     for _ in range(args.pairs):
         for arm in ARMS:
-            command = [sys.executable, __file__, "--arm", arm]
-            command += [
-                "--members-dir",
-                str(args.members_dir),
-                "--thresholds",
-                str(args.thresholds),
+            command = [
+                *(sys.executable, __file__, "--arm", arm),
+                *("--members-dir", str(args.members_dir), "--thresholds", str(args.thresholds)),
+                *("--batch-size", str(args.batch_size), "--profiles", str(args.profiles)),
+                *("--profile-seconds", str(args.profile_seconds)),
             ]
-            command += ["--batch-size", str(args.batch_size), "--profiles", str(args.profiles)]
-            command += ["--profile-seconds", str(args.profile_seconds)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"error: the {arm} process failed:\n{done.stderr[-3000:]}")
             runs[arm].append(json.loads(done.stdout.splitlines()[-1]))
     return {
         "machine": machine_info(),

@@ -307,3 +307,27 @@ def test_every_bad_profile_file_is_one_line_naming_it(profile, tmp_path, damage)
     message = str(info.value)
     assert match in message and str(path) in message and "\n" not in message, message
     assert "delete it to measure again" in message
+
+
+def test_a_gap_warning_blames_the_model_only_for_a_gap_full_does_not_share():
+    from flexens.inference import gap_warnings
+
+    machine = "(a busy machine, or a stale profile: calibrate.reprofile=true)"
+    results = {
+        "full": {"latency_gap": 0.05, "throughput_gap": -0.30},
+        "flexible": {"latency_gap": 0.02, "throughput_gap": -0.25},  # as full: the machine
+        "flexible_staged": {"throughput_gap": -0.50},  # -29 % against full: the model
+    }
+    assert gap_warnings(results, ["full", "flexible", "flexible_staged"]) == [
+        f"warning: full's measured throughput is -30% off the latency profile's prediction "
+        f"{machine}",
+        f"warning: flexible's measured throughput is -25% off the latency profile's "
+        f"prediction {machine}",
+        "warning: flexible_staged's measured throughput is -50% off the latency profile's "
+        "prediction (-29% against full, timed in the same rounds: the latency model "
+        "misprices flexible_staged here)",
+    ]
+    assert gap_warnings({"flexible": {"throughput_gap": -0.2}}, ["flexible"]) == [
+        f"warning: flexible's measured throughput is -20% off the latency profile's "
+        f"prediction {machine}"  # nothing to compare with
+    ]

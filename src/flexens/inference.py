@@ -449,6 +449,8 @@ def compare_modes(
         add_expectations(
             name, results[name], expected, profile, baseline, module.fuse_from, n_stream
         )
+    for line in gap_warnings(results, list(timings)):
+        print(line)
     sizes = {
         "test_samples": len(test),
         "latency_images": n_single,
@@ -469,7 +471,7 @@ def add_expectations(
     images: int | None = None,
 ) -> None:
     """Speed-ups against the fastest full ensemble, and the latency model's predictions
-    next to what was measured (a warning when they are far apart). ``images``: how many
+    next to what was measured (:func:`gap_warnings` reads the gaps). ``images``: how many
     the throughput timing streamed (a staged stream's last partial batches are priced)."""
     if "latency_mean_ms" in result:  # a staged stream is timed for throughput only
         result["speedup_latency"] = baseline["latency_mean_ms"] / result["latency_mean_ms"]
@@ -489,13 +491,39 @@ def add_expectations(
         result["throughput_gap"] = (
             result["throughput_img_s"] / result["expected_throughput_img_s"] - 1.0
         )
-    for key, what in (("latency_gap", "mean batch-1 latency"), ("throughput_gap", "throughput")):
-        if abs(result.get(key, 0.0)) > GAP_WARNING:
-            print(
-                f"warning: {mode}'s measured {what} is {result[key]:+.0%} off the latency "
-                "profile's prediction (a busy machine, or a stale profile: "
-                "calibrate.reprofile=true)"
+
+
+GAPS = (("latency_gap", "mean batch-1 latency"), ("throughput_gap", "throughput"))
+"""The measured-over-predicted gaps :func:`gap_warnings` reads, and what each measures."""
+
+
+def gap_warnings(results: dict, modes: Sequence[str]) -> list[str]:
+    """One line per mode and quantity more than :data:`GAP_WARNING` off the latency model.
+
+    ``full`` is timed in the same rounds, so a change of the machine's speed since
+    profiling moves it as much as any mode. A mode whose gap is about full's (their ratio
+    within the tolerance) says the machine or the profile changed; one that is off against
+    full too is mispriced by the model, and re-profiling would not help.
+    """
+    lines = []
+    for mode in modes:
+        for key, what in GAPS:
+            gap, reference = results[mode].get(key), results.get("full", {}).get(key)
+            if gap is None or abs(gap) <= GAP_WARNING:
+                continue
+            relative = None if reference is None else (1 + gap) / (1 + reference) - 1
+            if mode != "full" and relative is not None and abs(relative) > GAP_WARNING:
+                cause = (
+                    f"{relative:+.0%} against full, timed in the same rounds: the latency "
+                    f"model misprices {mode} here"
+                )
+            else:
+                cause = "a busy machine, or a stale profile: calibrate.reprofile=true"
+            lines.append(
+                f"warning: {mode}'s measured {what} is {gap:+.0%} off the latency profile's "
+                f"prediction ({cause})"
             )
+    return lines
 
 
 def per_sample_rows(

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cells import repo_path  # noqa: E402
+from cells import add_served_ensemble, publish, repo_path  # noqa: E402
 
-from flexens.artifacts import replace_marked_section, write_json  # noqa: E402
+from flexens.artifacts import write_json  # noqa: E402
 
 ARMS = ("default", "retained")
 """glibc's defaults, and :func:`flexens.allocator.retain_freed_memory`."""
@@ -44,14 +44,7 @@ CALLS = 20
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--members-dir", type=Path, default=ROOT / "outputs/members/cifar10-small_cnn"
-    )
-    parser.add_argument(
-        "--thresholds",
-        type=Path,
-        default=ROOT / "benchmarks/results/runs/certified_1pp/thresholds.json",
-    )
+    add_served_ensemble(parser)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=3, help="processes per arm, alternating")
     parser.add_argument("--profiles", type=int, default=3, help="latency profiles per process")
@@ -177,9 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     write_json(args.out, result)
     section = markdown(result)
-    if args.update_docs:
-        replace_marked_section(ROOT / "BENCHMARKS.md", "allocator", section)
-    print(section)
+    publish(section, "allocator", args.update_docs)
 
 
 if __name__ == "__main__":

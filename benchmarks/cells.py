@@ -1,12 +1,36 @@
-"""Table cells shared by the benchmark reports (``cifar10.py``, ``gpu.py``, ...)."""
+"""What the benchmark reports share (``cifar10.py``, ``gpu.py``, ``serve_*.py``, ...): table
+cells, the served ensemble's options, and publishing a generated section."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+from flexens.artifacts import replace_marked_section
 from flexens.inference import cell
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_served_ensemble(parser: argparse.ArgumentParser) -> None:
+    """``--members-dir`` and ``--thresholds``: by default the CIFAR-10 benchmark's members
+    at its certified 1 pp point, the ensemble the serving benchmarks serve."""
+    parser.add_argument(
+        "--members-dir", type=Path, default=ROOT / "outputs/members/cifar10-small_cnn"
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=Path,
+        default=ROOT / "benchmarks/results/runs/certified_1pp/thresholds.json",
+    )
+
+
+def publish(section: str, name: str, update_docs: bool) -> None:
+    """Print a generated section and, with ``update_docs``, write it between BENCHMARKS.md's
+    ``name`` markers."""
+    if update_docs:
+        replace_marked_section(ROOT / "BENCHMARKS.md", name, section)
+    print(section)
 
 
 def repo_path(path: Path) -> str:

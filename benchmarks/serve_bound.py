@@ -46,10 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serve_load  # noqa: E402
-from cells import repo_path  # noqa: E402
+from cells import add_served_ensemble, publish, repo_path  # noqa: E402
 
 from flexens.allocator import retain_freed_memory  # noqa: E402
-from flexens.artifacts import replace_marked_section, write_json  # noqa: E402
+from flexens.artifacts import write_json  # noqa: E402
 from flexens.latency import Budget, adaptive_interleaved, machine_info, robust_mean  # noqa: E402
 from flexens.members.inference_form import inference_network  # noqa: E402
 from flexens.members.networks import create_network  # noqa: E402
@@ -62,14 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="cifar10", help="cifar10, or digits for a smoke test")
     parser.add_argument("--images", type=int, default=2000, help="test images for the exits")
-    parser.add_argument(
-        "--members-dir", type=Path, default=ROOT / "outputs/members/cifar10-small_cnn"
-    )
-    parser.add_argument(
-        "--thresholds",
-        type=Path,
-        default=ROOT / "benchmarks/results/runs/certified_1pp/thresholds.json",
-    )
+    add_served_ensemble(parser)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--widths", default="16,32,48,64", help="member widths, comma-separated")
     parser.add_argument("--seconds", type=float, default=4.0, help="timing budget per width")
@@ -223,9 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     write_json(args.out, result)
     section = markdown(result)
-    if args.update_docs:
-        replace_marked_section(ROOT / "BENCHMARKS.md", "serve_bound", section)
-    print(section)
+    publish(section, "serve_bound", args.update_docs)
 
 
 if __name__ == "__main__":

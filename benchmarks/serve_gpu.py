@@ -36,9 +36,10 @@ os.environ.setdefault("FLEXENS_ROOT", str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serve_load  # noqa: E402
+from cells import add_served_ensemble, publish  # noqa: E402
 
 from flexens.allocator import retain_freed_memory  # noqa: E402
-from flexens.artifacts import replace_marked_section, write_json  # noqa: E402
+from flexens.artifacts import write_json  # noqa: E402
 from flexens.latency import machine_info, resolve_device, synchronize  # noqa: E402
 
 ROUNDS = 5
@@ -50,14 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data", default="cifar10", help="cifar10, or digits for a smoke test")
     parser.add_argument("--images", type=int, default=200, help="test images, each sent once")
-    parser.add_argument(
-        "--members-dir", type=Path, default=ROOT / "outputs/members/cifar10-small_cnn"
-    )
-    parser.add_argument(
-        "--thresholds",
-        type=Path,
-        default=ROOT / "benchmarks/results/runs/certified_1pp/thresholds.json",
-    )
+    add_served_ensemble(parser)
     parser.add_argument("--port", type=int, default=8792)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_gpu.json")
     parser.add_argument("--render", type=Path, metavar="JSON", help="print a result (no run)")
@@ -160,9 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     retain_freed_memory()  # as every flexens process runs (flexens.allocator)
     section = markdown(json.loads(args.render.read_text())) if args.render else run(args)
-    if args.update_docs:
-        replace_marked_section(ROOT / "BENCHMARKS.md", "serve_gpu", section)
-    print(section)
+    publish(section, "serve_gpu", args.update_docs)
 
 
 def run(args: argparse.Namespace) -> str:

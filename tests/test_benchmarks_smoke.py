@@ -33,6 +33,20 @@ def run_benchmark(name: str, out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+def on_digits_members(name: str, digits_ensemble: Path, tmp_path: Path, options: list[str]):
+    """Run ``benchmarks/<name>.py`` on the calibrated digits members (calibrated here if no
+    test did yet); returns the JSON it wrote and what it printed."""
+    members = digits_ensemble / "members/digits-small_cnn"
+    if not (members / "thresholds.json").is_file():
+        run_script("calibrate.py", f"paths.output_dir={digits_ensemble}", "logger=csv")
+    out = tmp_path / f"{name}.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(out)]
+    paths = ["--members-dir", str(members), "--thresholds", str(members / "thresholds.json")]
+    done = subprocess.run([*script, *options, *paths], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text()), done.stdout
+
+
 def test_search_speed_writes_its_figures(tmp_path):
     result = run_benchmark(
         "search_speed",
@@ -376,22 +390,14 @@ def test_the_serving_benchmark_compares_server_and_module_answer_by_answer(
     digits_ensemble, tmp_path
 ):
     """benchmarks/serve_gpu.py on the CPU: every answer through serve.py is the module's."""
-    members = digits_ensemble / "members/digits-small_cnn"
-    if not (members / "thresholds.json").is_file():
-        run_script("calibrate.py", f"paths.output_dir={digits_ensemble}", "logger=csv")
-    out = tmp_path / "serve_gpu.json"
-    script = [sys.executable, str(ROOT / "benchmarks" / "serve_gpu.py"), "--out", str(out)]
     options = ["--device", "cpu", "--data", "digits", "--images", "6", "--port", "8798"]
-    paths = ["--members-dir", str(members), "--thresholds", str(members / "thresholds.json")]
-    done = subprocess.run([*script, *options, *paths], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(out.read_text())
+    result, stdout = on_digits_members("serve_gpu", digits_ensemble, tmp_path, options)
     assert set(result["configurations"]) == {"flexible", "full"}  # no graphs on a CPU
     for row in result["configurations"].values():
         assert row["same_as_module"] == row["same_as_cpu"] == 6
         assert row["server"]["mean_ms"] > 0 and row["module"]["mean_ms"] > 0
     assert result["configurations"]["full"]["avg_members"] == 3
-    assert "| flexible |" in done.stdout
+    assert "| flexible |" in stdout
 
 
 def test_the_serving_bound_prices_a_batch_as_each_mode_runs_it():
@@ -414,37 +420,21 @@ def test_the_serving_bound_prices_a_batch_as_each_mode_runs_it():
 
 @pytest.mark.slow
 def test_the_serving_bound_runs_on_the_served_members(digits_ensemble, tmp_path):
-    members = digits_ensemble / "members/digits-small_cnn"
-    if not (members / "thresholds.json").is_file():
-        run_script("calibrate.py", f"paths.output_dir={digits_ensemble}", "logger=csv")
-    out = tmp_path / "serve_bound.json"
-    script = [sys.executable, str(ROOT / "benchmarks" / "serve_bound.py"), "--out", str(out)]
     options = ["--data", "digits", "--images", "60", "--widths", "8,16", "--seconds", "0.5"]
-    paths = ["--members-dir", str(members), "--thresholds", str(members / "thresholds.json")]
-    done = subprocess.run([*script, *options, *paths], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(out.read_text())
+    result, stdout = on_digits_members("serve_bound", digits_ensemble, tmp_path, options)
     assert result["images"] == 60 and result["served_width"] == 8
     assert [r["width"] for r in result["widths"]] == [8, 16]
     for row in result["widths"]:
         assert len(row["call_ms"]) == 8 and row["full_workers_ms"] >= row["flexible_workers_ms"]
-    assert "| 8 (served) |" in done.stdout
+    assert "| 8 (served) |" in stdout
 
 
 @pytest.mark.slow
 def test_the_allocator_benchmark_runs_both_arms_in_fresh_processes(digits_ensemble, tmp_path):
-    members = digits_ensemble / "members/digits-small_cnn"
-    if not (members / "thresholds.json").is_file():
-        run_script("calibrate.py", f"paths.output_dir={digits_ensemble}", "logger=csv")
-    out = tmp_path / "allocator.json"
-    script = [sys.executable, str(ROOT / "benchmarks" / "allocator.py"), "--out", str(out)]
     options = ["--pairs", "1", "--profiles", "1", "--profile-seconds", "0.5", "--batch-size", "64"]
-    paths = ["--members-dir", str(members), "--thresholds", str(members / "thresholds.json")]
-    done = subprocess.run([*script, *options, *paths], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(out.read_text())
+    result, stdout = on_digits_members("allocator", digits_ensemble, tmp_path, options)
     assert set(result["runs"]) == {"default", "retained"}
     for (run,) in result["runs"].values():
         assert set(run["member"]) == {"1", "2"} and len(run["profiles"]) == 1
     assert result["runs"]["retained"][0]["member"]["1"]["faults_per_call"] == 0
-    assert "| kept (flexens) | 1 |" in done.stdout
+    assert "| kept (flexens) | 1 |" in stdout

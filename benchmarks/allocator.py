@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cells import add_served_ensemble, publish, repo_path  # noqa: E402
+from cells import add_served_ensemble, one_line_errors, publish, repo_path  # noqa: E402
 
 from flexens.artifacts import write_json  # noqa: E402
 
@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> dict:
             ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                raise SystemExit(f"error: the {arm} process failed:\n{done.stderr[-3000:]}")
+                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise SystemExit(f"error: the {arm} process failed: {last.removeprefix('error: ')}")
             runs[arm].append(json.loads(done.stdout.splitlines()[-1]))
     return {
         "machine": machine_info(),
@@ -164,10 +165,11 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.arm:
-        print(json.dumps(one_process(args)))
-        return
-    result = run(args)
+    with one_line_errors():
+        if args.arm:
+            print(json.dumps(one_process(args)))
+            return
+        result = run(args)
     write_json(args.out, result)
     section = markdown(result)
     publish(section, "allocator", args.update_docs)

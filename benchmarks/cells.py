@@ -4,6 +4,8 @@ cells, the served ensemble's options, and publishing a generated section."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flexens.artifacts import replace_marked_section
@@ -23,6 +25,15 @@ def add_served_ensemble(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=ROOT / "benchmarks/results/runs/certified_1pp/thresholds.json",
     )
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A missing or bad input file ends a benchmark with flexens' own one-line message."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def publish(section: str, name: str, update_docs: bool) -> None:

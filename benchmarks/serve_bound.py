@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serve_load  # noqa: E402
-from cells import add_served_ensemble, publish, repo_path  # noqa: E402
+from cells import add_served_ensemble, one_line_errors, publish, repo_path  # noqa: E402
 
 from flexens.allocator import retain_freed_memory  # noqa: E402
 from flexens.artifacts import write_json  # noqa: E402
@@ -87,6 +87,8 @@ def served_exits(args: argparse.Namespace) -> tuple[np.ndarray, torch.Tensor, in
 
 def served_arch(thresholds: Path, members_dir: Path) -> dict:
     """The architecture record of the first served member; it must have a width to scale."""
+    if not thresholds.is_file():
+        raise FileNotFoundError(f"--thresholds {thresholds} does not exist; run calibrate.py first")
     first = json.loads(thresholds.read_text())["members"][0]["path"]
     arch = json.loads((members_dir / first).with_suffix(".json").read_text())["arch"]
     if "width" not in arch:
@@ -127,8 +129,8 @@ def worker_ms(exits: np.ndarray, calls: np.ndarray, members: int, concurrency: i
 
 
 def run(args: argparse.Namespace) -> dict:
-    exits, example, members = served_exits(args)
     arch = served_arch(args.thresholds, args.members_dir)
+    exits, example, members = served_exits(args)
     load = json.loads(args.serve_load.read_text()) if args.serve_load.is_file() else None
     c = args.concurrency
     measured = None
@@ -213,7 +215,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     retain_freed_memory()  # as every flexens process runs (flexens.allocator)
-    result = run(args)
+    with one_line_errors():
+        result = run(args)
     write_json(args.out, result)
     section = markdown(result)
     publish(section, "serve_bound", args.update_docs)
